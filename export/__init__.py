@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX (dynamic batch) -> TensorRT engine, with parity reports."""

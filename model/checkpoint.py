@@ -1,0 +1,123 @@
+"""Self-describing checkpoints: one .safetensors file with the weights and, in its metadata, everything
+needed to rebuild and serve the model (architecture, class names, thing flags, mean/std, input size).
+
+Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from model.config import MaskFormerConfig
+from model.maskformer import MaskFormer, ModelInfo, build_model
+
+FORMAT = "maskformer-serving"
+FORMAT_VERSION = "1"
+
+# Buffers every model recomputes from its config; checkpoints need not carry them.
+DERIVED_BUFFERS = ("pixel_mean", "pixel_std", "relative_position_index")
+
+
+class CheckpointError(ValueError):
+    """The file is not a checkpoint this project can load."""
+
+
+def save_model(model: MaskFormer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write model weights and metadata. dtype=torch.float16 halves the file; loading casts back."""
+    if model.info is None:
+        raise ValueError("model.info (name, class names, thing flags) must be set before saving")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoints are .safetensors files, got {path.name}")
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.contiguous()
+    info = model.info
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.cfg.to_dict()),
+        "info": json.dumps(
+            {
+                "name": info.name,
+                "version": info.version,
+                "class_names": info.class_names,
+                "isthing": info.isthing,
+                "extra": info.extra,
+            }
+        ),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    return path
+
+
+def read_metadata(path: str | Path) -> tuple[MaskFormerConfig, ModelInfo]:
+    """Config and model info of a checkpoint, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{path.name}: only .safetensors checkpoints are loaded (nothing is unpickled); "
+            "convert other formats with `maskformer convert`"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (missing metadata); use `maskformer convert`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        cfg = MaskFormerConfig.from_dict(json.loads(meta["config"]))
+        info = ModelInfo(**json.loads(meta["info"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid checkpoint metadata ({err})") from err
+    return cfg, info
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> MaskFormer:
+    """Rebuild the model a checkpoint describes, load its weights and return it in eval mode.
+
+    The model's `info` holds the class names and thing flags, `cfg` the architecture, mean/std and
+    the intended input size.
+    """
+    cfg, info = read_metadata(path)
+    model = build_model(cfg, info)
+    with safe_open(str(path), framework="pt") as f:
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    load_state(model, state, source=str(path))
+    return model.to(device).eval()
+
+
+def load_state(model: MaskFormer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load: every model tensor must be present (derived buffers may be), with matching shapes."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(DERIVED_BUFFERS))
+    wrong_shape = sorted(
+        f"{k}: {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if unexpected or missing or wrong_shape:
+        lines = [f"{source} does not match the model it describes:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise CheckpointError("\n".join(lines))
+    cast = {k: v.to(expected[k].dtype) for k, v in state.items() if not k.endswith(DERIVED_BUFFERS)}
+    model.load_state_dict(cast, strict=False)

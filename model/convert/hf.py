@@ -1,0 +1,196 @@
+"""transformers `MaskFormerForInstanceSegmentation` directory -> our checkpoint.
+
+Reads config.json and model.safetensors (or pytorch_model.bin through torch's weights-only loader).
+transformers itself is not needed: its config is plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from model.classes import available, load_classes
+from model.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, MaskFormerConfig
+from model.convert.common import ConversionError, Rules, assemble, merge_qkv, rename
+from model.maskformer import MaskFormer, ModelInfo, build_model
+
+log = logging.getLogger(__name__)
+
+ENC = r"model\.pixel_level_module\.encoder\."
+FPN = r"model\.pixel_level_module\.decoder\."
+TM = r"model\.transformer_module\."
+
+RESNET_RULES: Rules = [
+    (ENC + r"embedder\.embedder\.convolution\.weight", r"backbone.body.conv1.weight"),
+    (ENC + r"embedder\.embedder\.normalization\.(\w+)", r"backbone.body.bn1.\1"),
+    (
+        ENC + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.convolution\.weight",
+        r"backbone.body.layer{\1+1}.\2.downsample.0.weight",
+    ),
+    (
+        ENC + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.shortcut\.normalization\.(\w+)",
+        r"backbone.body.layer{\1+1}.\2.downsample.1.\3",
+    ),
+    (
+        ENC + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.convolution\.weight",
+        r"backbone.body.layer{\1+1}.\2.conv{\3+1}.weight",
+    ),
+    (
+        ENC + r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer\.(\d+)\.normalization\.(\w+)",
+        r"backbone.body.layer{\1+1}.\2.bn{\3+1}.\4",
+    ),
+]
+
+SWIN = ENC + r"model\.encoder\.layers\.(\d+)\."
+SWIN_RULES: Rules = [
+    (ENC + r"model\.embeddings\.patch_embeddings\.projection\.(\w+)", r"backbone.features.0.0.\1"),
+    (ENC + r"model\.embeddings\.norm\.(\w+)", r"backbone.features.0.2.\1"),
+    (SWIN + r"blocks\.(\d+)\.layernorm_before\.(\w+)", r"backbone.features.{\1*2+1}.\2.norm1.\3"),
+    (SWIN + r"blocks\.(\d+)\.layernorm_after\.(\w+)", r"backbone.features.{\1*2+1}.\2.norm2.\3"),
+    (
+        SWIN + r"blocks\.(\d+)\.attention\.self\.relative_position_bias_table",
+        r"backbone.features.{\1*2+1}.\2.attn.relative_position_bias_table",
+    ),
+    (SWIN + r"blocks\.(\d+)\.attention\.self\.query\.(\w+)", r"backbone.features.{\1*2+1}.\2.attn.qkv.\3.q"),
+    (SWIN + r"blocks\.(\d+)\.attention\.self\.key\.(\w+)", r"backbone.features.{\1*2+1}.\2.attn.qkv.\3.k"),
+    (SWIN + r"blocks\.(\d+)\.attention\.self\.value\.(\w+)", r"backbone.features.{\1*2+1}.\2.attn.qkv.\3.v"),
+    (SWIN + r"blocks\.(\d+)\.attention\.output\.dense\.(\w+)", r"backbone.features.{\1*2+1}.\2.attn.proj.\3"),
+    (SWIN + r"blocks\.(\d+)\.intermediate\.dense\.(\w+)", r"backbone.features.{\1*2+1}.\2.mlp.0.\3"),
+    (SWIN + r"blocks\.(\d+)\.output\.dense\.(\w+)", r"backbone.features.{\1*2+1}.\2.mlp.3.\3"),
+    (SWIN + r"downsample\.(reduction|norm)\.(\w+)", r"backbone.features.{\1*2+2}.\2.\3"),
+    (ENC + r"hidden_states_norms\.(\d+)\.(\w+)", r"backbone.norms.\1.\2"),
+]
+
+# The FPN's layers run top-down (layers.0 is stride 16); ours are indexed bottom-up (0 is stride 4).
+HEAD_RULES: Rules = [
+    (FPN + r"fpn\.stem\.(\d)\.(\w+)", r"pixel_decoder.output_convs.3.\1.\2"),
+    (FPN + r"fpn\.layers\.(\d)\.proj\.(\d)\.(\w+)", r"pixel_decoder.lateral_convs.{2-\1}.\2.\3"),
+    (FPN + r"fpn\.layers\.(\d)\.block\.(\d)\.(\w+)", r"pixel_decoder.output_convs.{2-\1}.\2.\3"),
+    (FPN + r"mask_projection\.(\w+)", r"pixel_decoder.mask_features.\1"),
+    (TM + r"queries_embedder\.weight", r"query_embed.weight"),
+    (TM + r"input_projection\.(\w+)", r"input_proj.\1"),
+    (TM + r"decoder\.layers\.(\d+)\.self_attn\.([qkv]_proj)\.(\w+)", r"decoder.layers.\1.self_attn.\2.\3"),
+    (TM + r"decoder\.layers\.(\d+)\.self_attn\.(?:o_proj|out_proj)\.(\w+)", r"decoder.layers.\1.self_attn.out_proj.\2"),
+    (TM + r"decoder\.layers\.(\d+)\.encoder_attn\.([qkv]_proj)\.(\w+)", r"decoder.layers.\1.cross_attn.\2.\3"),
+    (
+        TM + r"decoder\.layers\.(\d+)\.encoder_attn\.(?:o_proj|out_proj)\.(\w+)",
+        r"decoder.layers.\1.cross_attn.out_proj.\2",
+    ),
+    (TM + r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.(\w+)", r"decoder.layers.\1.norm1.\2"),
+    (TM + r"decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.(\w+)", r"decoder.layers.\1.norm2.\2"),
+    (TM + r"decoder\.layers\.(\d+)\.final_layer_norm\.(\w+)", r"decoder.layers.\1.norm3.\2"),
+    (TM + r"decoder\.layers\.(\d+)\.(?:mlp\.)?fc1\.(\w+)", r"decoder.layers.\1.ffn.linear1.\2"),
+    (TM + r"decoder\.layers\.(\d+)\.(?:mlp\.)?fc2\.(\w+)", r"decoder.layers.\1.ffn.linear2.\2"),
+    (TM + r"decoder\.layernorm\.(\w+)", r"decoder.norm.\1"),
+    (r"class_predictor\.(\w+)", r"class_embed.\1"),
+    (r"mask_embedder\.(\d)\.0\.(\w+)", r"mask_embed.layers.\1.\2"),
+]
+
+IGNORE = [
+    r".*\.num_batches_tracked",  # BatchNorm bookkeeping; ours is frozen
+    r".*\.relative_position_index",  # derived from the window size
+    ENC + r"model\.layernorm\.\w+",  # Swin's classification norm, unused by MaskFormer
+    r"criterion\.empty_weight",  # training loss buffer
+]
+
+
+def backbone_from_hf(bc: dict) -> BackboneConfig:
+    kind = bc.get("model_type")
+    if kind == "resnet":
+        block = {"basic": "basic", "bottleneck": "bottleneck"}.get(bc.get("layer_type", "bottleneck"))
+        expansion = 1 if block == "basic" else 4
+        expected = [64 * 2**i * expansion for i in range(4)]
+        if bc.get("embedding_size", 64) != 64 or list(bc.get("hidden_sizes", [])) != expected:
+            raise ConversionError(
+                f"ResNet widths {bc.get('embedding_size')}/{bc.get('hidden_sizes')} are not torchvision's "
+                f"(64/{expected}); only standard-width ResNets are supported"
+            )
+        if bc.get("downsample_in_bottleneck") or bc.get("downsample_in_first_stage"):
+            raise ConversionError("ResNet with stride in the 1x1 conv or a strided first stage is not supported")
+        return BackboneConfig(kind="resnet", block=block, layers=tuple(bc["depths"]))
+    if kind in ("swin", "maskformer-swin"):
+        if bc.get("use_absolute_embeddings"):
+            raise ConversionError("Swin with absolute position embeddings is not supported")
+        return BackboneConfig(
+            kind="swin",
+            embed_dim=bc["embed_dim"],
+            depths=tuple(bc["depths"]),
+            num_heads=tuple(bc["num_heads"]),
+            window_size=bc["window_size"],
+            drop_path_rate=bc.get("drop_path_rate", 0.3),
+            patch_size=bc.get("patch_size", 4),
+            mlp_ratio=bc.get("mlp_ratio", 4.0),
+        )
+    raise ConversionError(f"unsupported backbone model_type {kind!r} (ResNet and Swin are supported)")
+
+
+def config_from_hf(src: Path) -> tuple[MaskFormerConfig, list[str]]:
+    cfg_file = src / "config.json"
+    if not cfg_file.is_file():
+        raise ConversionError(f"{src}: no config.json (expected a transformers save_pretrained directory)")
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") != "maskformer":
+        raise ConversionError(f"{cfg_file}: model_type is {hf.get('model_type')!r}, not 'maskformer'")
+    dec = hf.get("decoder_config") or {}
+    id2label = {int(k): v for k, v in (hf.get("id2label") or {}).items()}
+    names = [id2label[i] for i in range(len(id2label))]
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, (512, 512)
+    pre = src / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        mean = tuple(255.0 * v for v in p.get("image_mean", [m / 255 for m in IMAGENET_MEAN]))
+        std = tuple(255.0 * v for v in p.get("image_std", [s / 255 for s in IMAGENET_STD]))
+        short = (p.get("size") or {}).get("shortest_edge")
+        if short:
+            size = (int(short) // 32 * 32,) * 2
+    cfg = MaskFormerConfig(
+        num_classes=len(names),
+        backbone=backbone_from_hf(hf["backbone_config"]),
+        pixel_decoder="fpn",  # transformers implements only the FPN pixel decoder
+        conv_dim=hf.get("fpn_feature_size", 256),
+        mask_dim=hf.get("mask_feature_size", 256),
+        hidden_dim=dec.get("d_model", 256),
+        num_queries=dec.get("num_queries", 100),
+        nheads=dec.get("decoder_attention_heads", 8),
+        dim_feedforward=dec.get("decoder_ffn_dim", 2048),
+        dropout=dec.get("dropout", 0.1),
+        dec_layers=dec.get("decoder_layers", 6),
+        pixel_mean=mean,
+        pixel_std=std,
+        input_size=size,
+    )
+    if dec.get("activation_function", "relu") != "relu":
+        raise ConversionError("only ReLU decoder FFNs are supported")
+    return cfg, names
+
+
+def thing_flags(names: list[str]) -> list[bool]:
+    """Thing flags from a shipped class list with the same names; all things (with a warning) otherwise."""
+    for listed in available():
+        classes = load_classes(listed)
+        if list(classes.names) == names:
+            return list(classes.isthing)
+    log.warning("class names match no shipped class list; marking every class as a thing")
+    return [True] * len(names)
+
+
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").is_file():
+        return load_file(str(src / "model.safetensors"))
+    if (src / "pytorch_model.bin").is_file():
+        # weights_only refuses arbitrary pickled objects: only tensors and plain containers load.
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConversionError(f"{src}: neither model.safetensors nor pytorch_model.bin found")
+
+
+def convert_hf(src: str | Path, name: str | None = None) -> MaskFormer:
+    src = Path(src)
+    cfg, names = config_from_hf(src)
+    info = ModelInfo(name=name or src.name, class_names=names, isthing=thing_flags(names))
+    rules = HEAD_RULES + (RESNET_RULES if cfg.backbone.kind == "resnet" else SWIN_RULES)
+    state = merge_qkv(rename(read_hf_weights(src), rules, IGNORE))
+    return assemble(build_model(cfg, info), state, str(src))

@@ -1,0 +1,1 @@
+"""The segmentation service and the `maskformer` command line."""
