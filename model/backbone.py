@@ -130,7 +130,7 @@ class SwinBackbone(nn.Module):
         self.out_channels = cfg.out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        outs = []
+        outs: list[Tensor] = []
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in self.stage_ends:

@@ -37,6 +37,9 @@ class ModelInfo:
 
 
 class MaskFormer(nn.Module):
+    pixel_mean: Tensor
+    pixel_std: Tensor
+
     def __init__(self, cfg: MaskFormerConfig, info: ModelInfo | None = None) -> None:
         super().__init__()
         self.cfg = cfg
@@ -47,7 +50,7 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1))
 
         self.backbone = build_backbone(cfg.backbone)
-        channels = self.backbone.out_channels
+        channels = cfg.backbone.out_channels
         if cfg.pixel_decoder == "fpn":
             self.pixel_decoder = FPNPixelDecoder(channels, cfg.conv_dim, cfg.mask_dim)
         else:
@@ -58,9 +61,7 @@ class MaskFormer(nn.Module):
         self.input_proj = nn.Conv2d(in_ch, cfg.hidden_dim, 1) if in_ch != cfg.hidden_dim else nn.Identity()
         self.pe_layer = PositionEmbeddingSine(cfg.hidden_dim // 2)
         self.query_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
-        self.decoder = TransformerDecoder(
-            cfg.dec_layers, cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout
-        )
+        self.decoder = TransformerDecoder(cfg.dec_layers, cfg.hidden_dim, cfg.nheads, cfg.dim_feedforward, cfg.dropout)
         self.class_embed = nn.Linear(cfg.hidden_dim, cfg.num_classes + 1)
         self.mask_embed = MLP(cfg.hidden_dim, cfg.hidden_dim, cfg.mask_dim, 3)
 
@@ -84,9 +85,7 @@ class MaskFormer(nn.Module):
 
         out: dict[str, Tensor | list[dict[str, Tensor]]] = {"pred_logits": logits[-1], "pred_masks": masks[-1]}
         if self.training:
-            out["aux_outputs"] = [
-                {"pred_logits": a, "pred_masks": m} for a, m in zip(logits[:-1], masks[:-1])
-            ]
+            out["aux_outputs"] = [{"pred_logits": a, "pred_masks": m} for a, m in zip(logits[:-1], masks[:-1])]
         return out
 
 

@@ -34,7 +34,5 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = y[:, None] / dim_t  # [H, F]
         pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
         pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
-        pos = torch.cat(
-            (pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=2
-        )  # [H, W, 2F]
+        pos = torch.cat((pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=2)  # [H, W, 2F]
         return pos.permute(2, 0, 1).unsqueeze(0).to(x.dtype)

@@ -19,7 +19,9 @@ class ClassList:
 
 
 def available() -> list[str]:
-    return sorted(p.name[:-5].replace("_", "-") for p in resources.files(__package__).iterdir() if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5].replace("_", "-") for p in resources.files(__package__).iterdir() if p.name.endswith(".json")
+    )
 
 
 def load_classes(name: str) -> ClassList:

@@ -108,7 +108,5 @@ def convert_detectron2(path: str | Path, preset: str, name: str | None = None) -
     p = get_preset(preset)
     classes = load_classes(p.classes)
     state = map_detectron2_keys(read_detectron2_pkl(path), p.config.backbone.kind)
-    info = ModelInfo(
-        name=name or Path(path).stem, class_names=list(classes.names), isthing=list(classes.isthing)
-    )
+    info = ModelInfo(name=name or Path(path).stem, class_names=list(classes.names), isthing=list(classes.isthing))
     return assemble(build_model(p.config, info), state, str(path))

@@ -101,7 +101,7 @@ IGNORE = [
 def backbone_from_hf(bc: dict) -> BackboneConfig:
     kind = bc.get("model_type")
     if kind == "resnet":
-        block = {"basic": "basic", "bottleneck": "bottleneck"}.get(bc.get("layer_type", "bottleneck"))
+        block = str(bc.get("layer_type", "bottleneck"))
         expansion = 1 if block == "basic" else 4
         expected = [64 * 2**i * expansion for i in range(4)]
         if bc.get("embedding_size", 64) != 64 or list(bc.get("hidden_sizes", [])) != expected:

@@ -1,0 +1,271 @@
+"""Semantic, panoptic and instance results from the same (pred_logits, pred_masks) outputs.
+
+Pure torch, on whatever device the outputs are on. Mask logits are resized as the official code does:
+bilinearly to the padded input size, cropped to the image's region, then bilinearly to its original size.
+Panoptic and instance pick their queries from the class scores alone, so only those queries' masks are
+resized; that gives the same result as resizing all of them first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TASKS = ("semantic", "panoptic", "instance")
+
+Box = tuple[float, float, float, float]
+MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the output size
+
+
+@dataclass
+class Segment:
+    id: int  # value in SegmentationResult.segment_map, or 1 + index into SegmentationResult.masks
+    label_id: int
+    score: float
+    area: int
+    bbox: Box  # COCO [x, y, w, h] of the mask's pixels
+    isthing: bool
+
+
+@dataclass
+class SegmentationResult:
+    task: str
+    segments: list[Segment]
+    segment_map: Tensor | None = None  # [H, W] int32, 0 = no segment (semantic, panoptic)
+    masks: Tensor | None = None  # [N, H, W] bool, may overlap (instance)
+
+    def label_map(self) -> Tensor:
+        """[H, W] class ids of a semantic or panoptic result, -1 where no segment is."""
+        assert self.segment_map is not None, "instance results have no label map"
+        lut = torch.tensor([-1] + [s.label_id for s in self.segments], device=self.segment_map.device)
+        return lut[self.segment_map.long()]
+
+    def mask(self, segment: Segment) -> Tensor:
+        if self.masks is not None:
+            return self.masks[segment.id - 1]
+        assert self.segment_map is not None
+        return self.segment_map == segment.id
+
+
+def resize_mask_logits(
+    masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int], orig_size: tuple[int, int]
+) -> Tensor:
+    """[N, h, w] mask logits at stride 4 -> [N, *orig_size] logits of the image's own region."""
+    x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)
+    x = x[..., : image_size[0], : image_size[1]]
+    return F.interpolate(x, size=orig_size, mode="bilinear", align_corners=False)[0]
+
+
+def _boxes(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor) -> list[Box]:
+    return [(a, b, c - a + 1, d - b + 1) for a, b, c, d in torch.stack([x0, y0, x1, y1], 1).float().tolist()]
+
+
+def boxes_from_map(segment_map: Tensor, num_segments: int) -> tuple[list[int], list[Box]]:
+    """Areas and COCO boxes of segments 1..num_segments of a label map, in one pass over the pixels."""
+    h, w = segment_map.shape
+    ids = segment_map.flatten().long()
+    areas = torch.bincount(ids, minlength=num_segments + 1)[1:]
+    ys = torch.arange(h, device=ids.device).repeat_interleave(w)
+    xs = torch.arange(w, device=ids.device).repeat(h)
+    big = torch.full((num_segments + 1,), h + w, device=ids.device)
+    small = torch.full((num_segments + 1,), -1, device=ids.device)
+    x0 = big.scatter_reduce(0, ids, xs, "amin")[1:]
+    y0 = big.scatter_reduce(0, ids, ys, "amin")[1:]
+    x1 = small.scatter_reduce(0, ids, xs, "amax")[1:]
+    y1 = small.scatter_reduce(0, ids, ys, "amax")[1:]
+    return areas.tolist(), _boxes(x0, y0, x1, y1)
+
+
+def boxes_from_masks(masks: Tensor) -> list[Box]:
+    """COCO boxes of [N, H, W] boolean masks (zeros for an empty mask)."""
+    if masks.shape[0] == 0:
+        return []
+    rows, cols = masks.any(2), masks.any(1)
+    h, w = rows.shape[1], cols.shape[1]
+    y0 = rows.int().argmax(1)
+    y1 = h - 1 - rows.flip(1).int().argmax(1)
+    x0 = cols.int().argmax(1)
+    x1 = w - 1 - cols.flip(1).int().argmax(1)
+    boxes = _boxes(x0, y0, x1, y1)
+    return [box if nonempty else (0.0, 0.0, 0.0, 0.0) for box, nonempty in zip(boxes, rows.any(1).tolist())]
+
+
+def semantic_inference(
+    logits: Tensor, masks: Tensor, isthing: Sequence[bool], max_segments: int | None = None
+) -> SegmentationResult:
+    """The paper's semantic inference: argmax over classes of sum_q p_q(c) * sigmoid(m_q).
+
+    One segment per class present; its score is the mean normalised class probability over its pixels.
+    """
+    probs = logits.softmax(-1)[:, :-1]  # [Q, K]
+    q, h, w = masks.shape
+    sem = torch.matmul(probs.t(), masks.sigmoid().flatten(1))  # [K, HW]
+    score, labels = (sem / sem.sum(0, keepdim=True).clamp_min(1e-12)).max(0)
+    k = probs.shape[1]
+    present = torch.bincount(labels, minlength=k)
+    mean_score = torch.zeros(k, device=sem.device).scatter_add_(0, labels, score) / present.clamp_min(1)
+    classes = present.nonzero().flatten()
+    if max_segments is not None and len(classes) > max_segments:
+        # Keep the largest classes; the others' pixels are left unlabelled (0).
+        classes = classes[present[classes].argsort(descending=True)[:max_segments]].sort().values
+    lut = torch.zeros(k, dtype=torch.int32, device=sem.device)
+    lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=sem.device)
+    segment_map = lut[labels].view(h, w)
+    areas, boxes = boxes_from_map(segment_map, len(classes))
+    scores = mean_score[classes].tolist()
+    segments = [
+        Segment(i + 1, c, scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(classes.tolist())
+    ]
+    return SegmentationResult("semantic", segments, segment_map=segment_map)
+
+
+def panoptic_inference(
+    logits: Tensor,
+    masks_fn: MaskFn,
+    isthing: Sequence[bool],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+    max_segments: int | None = None,
+    out_size: tuple[int, int] | None = None,
+) -> SegmentationResult:
+    """The official MaskFormer panoptic inference.
+
+    Drop "no object" and queries scoring <= object_mask_threshold, weight each mask by its score, give
+    every pixel to the best query, drop segments keeping < overlap_threshold of their own mask, and merge
+    each stuff class into one segment. Segment ids are 1..S in query order, so they are always unique.
+    `masks_fn(query_indices)` returns those queries' mask logits at the output size.
+    """
+    num_classes = logits.shape[-1] - 1
+    scores, labels = logits.softmax(-1).max(-1)
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    kept = keep.nonzero().flatten()
+    if len(kept) == 0:
+        assert out_size is not None
+        empty = torch.zeros(out_size, dtype=torch.int32, device=logits.device)
+        return SegmentationResult("panoptic", [], segment_map=empty)
+    cur_scores, cur_classes = scores[kept], labels[kept]
+    cur_masks = masks_fn(kept).sigmoid()  # [n, H, W]
+    owner = (cur_scores[:, None, None] * cur_masks).argmax(0)  # [H, W] index into kept
+    n = len(kept)
+    owned = torch.bincount(owner.flatten(), minlength=n).tolist()
+    own_area = (cur_masks >= 0.5).flatten(1).sum(1).tolist()
+
+    lut = [0] * n  # kept-query index -> segment id (0 = dropped)
+    seg_labels: list[int] = []
+    seg_scores: list[float] = []
+    stuff_segment: dict[int, int] = {}
+    for i, (label, score) in enumerate(zip(cur_classes.tolist(), cur_scores.tolist())):
+        if owned[i] == 0 or own_area[i] == 0 or owned[i] / own_area[i] < overlap_threshold:
+            continue
+        if not isthing[label] and label in stuff_segment:
+            sid = stuff_segment[label]
+            seg_scores[sid - 1] = max(seg_scores[sid - 1], score)
+        else:
+            if max_segments is not None and len(seg_labels) >= max_segments:
+                continue
+            seg_labels.append(label)
+            seg_scores.append(score)
+            sid = len(seg_labels)
+            if not isthing[label]:
+                stuff_segment[label] = sid
+        lut[i] = sid
+    table = torch.tensor(lut, dtype=torch.int32, device=owner.device)
+    segment_map = table[owner]
+    areas, boxes = boxes_from_map(segment_map, len(seg_labels))
+    segments = [
+        Segment(i + 1, c, seg_scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(seg_labels)
+    ]
+    return SegmentationResult("panoptic", segments, segment_map=segment_map)
+
+
+def instance_inference(
+    logits: Tensor,
+    masks_fn: MaskFn,
+    isthing: Sequence[bool],
+    threshold: float = 0.0,
+    topk: int | None = None,
+    max_segments: int | None = None,
+) -> SegmentationResult:
+    """Top-k over query x class scores, each score multiplied by the mean mask probability inside its mask.
+
+    Only thing classes compete when the model has any. Results are sorted by score, highest first;
+    segments scoring <= threshold and empty masks are dropped.
+    """
+    q, k1 = logits.shape
+    probs = logits.softmax(-1)[:, :-1]
+    things = torch.tensor(list(isthing), dtype=torch.bool, device=logits.device)
+    if things.any():
+        probs = probs.masked_fill(~things, 0.0)
+    flat = probs.flatten()
+    topk = min(topk or q, flat.numel())
+    cls_scores, idx = flat.topk(topk)
+    queries, labels = idx // (k1 - 1), idx % (k1 - 1)
+    valid = cls_scores > 0
+    cls_scores, queries, labels = cls_scores[valid], queries[valid], labels[valid]
+    mask_logits = masks_fn(queries)  # [n, H, W]
+    binary = mask_logits > 0
+    mask_scores = (mask_logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    scores = cls_scores * mask_scores
+    keep = (scores > threshold) & binary.flatten(1).any(1)
+    order = scores[keep].argsort(descending=True)
+    if max_segments is not None:
+        order = order[:max_segments]
+    masks = binary[keep][order]
+    kept_scores, kept_labels = scores[keep][order].tolist(), labels[keep][order].tolist()
+    areas = masks.flatten(1).sum(1).tolist()
+    boxes = boxes_from_masks(masks)
+    segments = [
+        Segment(i + 1, c, kept_scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(kept_labels)
+    ]
+    return SegmentationResult("instance", segments, masks=masks)
+
+
+def postprocess(
+    outputs: dict[str, Tensor],
+    task: str,
+    isthing: Sequence[bool],
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    orig_sizes: Sequence[tuple[int, int]] | None = None,
+    threshold: float | None = None,
+    overlap_threshold: float = 0.8,
+    max_segments: int | None = None,
+) -> list[SegmentationResult]:
+    """Batched post-processing of a forward pass.
+
+    image_sizes: (h, w) of each image inside the padded model input (default: all of it).
+    orig_sizes: (H, W) to return results at (default: image_sizes).
+    threshold: panoptic object-mask threshold (default 0.8) or instance score threshold (default 0.0).
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    logits, masks = outputs["pred_logits"], outputs["pred_masks"]
+    b, _, h, w = masks.shape
+    input_size = (4 * h, 4 * w)
+    image_sizes = list(image_sizes or [input_size] * b)
+    orig_sizes = list(orig_sizes or image_sizes)
+    if len(image_sizes) != b or len(orig_sizes) != b:
+        raise ValueError(f"{b} images but {len(image_sizes)} image_sizes and {len(orig_sizes)} orig_sizes")
+    if len(isthing) != logits.shape[-1] - 1:
+        raise ValueError(f"{len(isthing)} thing flags for {logits.shape[-1] - 1} classes")
+    results = []
+    for i in range(b):
+        size = (int(image_sizes[i][0]), int(image_sizes[i][1]))
+        orig = (int(orig_sizes[i][0]), int(orig_sizes[i][1]))
+
+        def masks_fn(sel: Tensor, i: int = i, size: tuple[int, int] = size, orig: tuple[int, int] = orig) -> Tensor:
+            return resize_mask_logits(masks[i, sel], input_size, size, orig)
+
+        if task == "semantic":
+            full = resize_mask_logits(masks[i], input_size, size, orig)
+            results.append(semantic_inference(logits[i], full, isthing, max_segments))
+        elif task == "panoptic":
+            t = 0.8 if threshold is None else threshold
+            results.append(panoptic_inference(logits[i], masks_fn, isthing, t, overlap_threshold, max_segments, orig))
+        else:
+            t = 0.0 if threshold is None else threshold
+            results.append(instance_inference(logits[i], masks_fn, isthing, t, None, max_segments))
+    return results

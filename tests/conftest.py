@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def scene(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """A piecewise-constant RGB image batch in 0..255 (horizon plus discs), like a photo's flat regions."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    img = torch.empty(batch, 3, height, width)
+    for b in range(batch):
+        img[b] = (torch.rand(3, generator=g) * 255)[:, None, None]
+        below = yy > height * (0.3 + 0.4 * torch.rand((), generator=g)) + 0.2 * (xx - width / 2)
+        img[b][:, below] = torch.rand(3, 1, generator=g) * 255
+        for _ in range(4):
+            cy, cx = torch.rand(2, generator=g) * torch.tensor([height, width])
+            r = 8 + torch.rand((), generator=g) * height / 5
+            img[b][:, (yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = torch.rand(3, 1, generator=g) * 255
+    return img

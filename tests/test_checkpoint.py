@@ -1,0 +1,91 @@
+"""Self-describing .safetensors checkpoints: round trip, metadata, and clear refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import ModelInfo, build_model, load_model, read_metadata, save_model
+from model.checkpoint import CheckpointError
+from service.cli import main as cli
+from tests.test_model import TINY
+
+INFO = ModelInfo(
+    name="tiny",
+    class_names=["sky", "ground", "circle", "square", "triangle"],
+    isthing=[False, False, True, True, True],
+    version="3",
+)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = build_model(TINY, INFO).eval()
+    return model, save_model(model, tmp_path / "tiny.safetensors")
+
+
+def test_round_trip_gives_identical_outputs_and_metadata(saved):
+    model, path = saved
+    loaded = load_model(path)
+    assert not loaded.training
+    assert loaded.cfg == TINY and loaded.info == INFO
+    x = torch.rand(2, 3, 128, 128) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["pred_masks"], model(x)["pred_masks"], rtol=0, atol=0)
+    cfg, info = read_metadata(path)
+    assert cfg.input_size == (128, 128) and cfg.pixel_mean == TINY.pixel_mean and info.isthing == INFO.isthing
+
+
+def test_fp16_checkpoint_is_half_the_size_and_loads_as_float32(saved, tmp_path):
+    model, path = saved
+    half = save_model(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.55 * path.stat().st_size
+    loaded = load_model(half)
+    assert next(loaded.parameters()).dtype == torch.float32
+
+
+def test_refuses_pickles_and_foreign_files(tmp_path, saved):
+    pt = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pt)
+    with pytest.raises(CheckpointError, match="nothing is unpickled"):
+        load_model(pt)
+    bare = tmp_path / "bare.safetensors"
+    save_file({"a": torch.zeros(1)}, str(bare))
+    with pytest.raises(CheckpointError, match="maskformer convert"):
+        load_model(bare)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_model(junk)
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_weights_that_do_not_fit_the_config_are_named(saved, tmp_path):
+    model, path = saved
+    state = {k: v for k, v in model.state_dict().items() if k != "class_embed.bias"}
+    state["query_embed.weight"] = torch.zeros(3, 64)
+    meta = {
+        "format": "maskformer-serving",
+        "format_version": "1",
+        "config": json.dumps(TINY.to_dict()),
+        "info": json.dumps(INFO.__dict__),
+    }
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad), metadata=meta)
+    with pytest.raises(CheckpointError) as err:
+        load_model(bad)
+    assert "class_embed.bias" in str(err.value) and "query_embed.weight" in str(err.value)
+
+
+def test_class_names_must_fit_the_model():
+    with pytest.raises(ValueError, match="class names"):
+        build_model(TINY, ModelInfo(name="x", class_names=["a"], isthing=[True]))
+
+
+def test_info_command(saved, capsys):
+    _, path = saved
+    assert cli(["info", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["info"]["class_names"][2] == "circle"
+    assert cli(["info", str(path.with_name("nope.safetensors"))]) == 2

@@ -1,0 +1,83 @@
+"""The forward contract that export, the service and the tests rely on."""
+
+import pytest
+import torch
+
+from model import MaskFormerConfig, build_model, get_preset
+from model.config import resnet, swin
+
+TINY = MaskFormerConfig(
+    num_classes=5,
+    backbone=resnet(18),
+    conv_dim=64,
+    mask_dim=64,
+    hidden_dim=64,
+    num_queries=10,
+    nheads=4,
+    dim_feedforward=128,
+    dec_layers=2,
+    input_size=(128, 128),
+)
+
+
+def test_forward_contract_eval():
+    model = build_model(TINY).eval()
+    x = torch.rand(3, 3, 128, 160) * 255
+    with torch.no_grad():
+        out = model(x)
+    assert set(out) == {"pred_logits", "pred_masks"}
+    assert out["pred_logits"].shape == (3, 10, 6) and out["pred_masks"].shape == (3, 10, 32, 40)
+    assert out["pred_logits"].dtype == torch.float32
+
+
+def test_aux_outputs_only_in_training():
+    model = build_model(TINY).train()
+    out = model(torch.rand(2, 3, 64, 64) * 255)
+    assert len(out["aux_outputs"]) == TINY.dec_layers - 1
+    assert out["aux_outputs"][0]["pred_masks"].shape == out["pred_masks"].shape
+    out["pred_masks"].sum().backward()  # differentiable end to end
+
+
+def test_normalisation_happens_inside_with_stored_mean_and_std():
+    model = build_model(TINY).eval()
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        a = model(x)["pred_masks"]
+        model.pixel_mean.zero_()
+        model.pixel_std.fill_(1.0)
+        b = model((x - torch.tensor(TINY.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(TINY.pixel_std).view(1, 3, 1, 1))
+    torch.testing.assert_close(a, b["pred_masks"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", [resnet(18), swin("t")])
+def test_images_in_a_batch_do_not_affect_each_other(backbone):
+    cfg = MaskFormerConfig(num_classes=3, backbone=backbone, num_queries=5, dec_layers=1, input_size=(96, 96))
+    model = build_model(cfg).eval()
+    x = torch.rand(3, 3, 96, 96) * 255
+    with torch.no_grad():
+        batched = model(x)["pred_masks"]
+        single = model(x[1:2])["pred_masks"]
+    torch.testing.assert_close(batched[1:2], single, rtol=0, atol=1e-4)
+
+
+def test_exports_with_a_dynamic_batch_and_no_data_dependent_control_flow():
+    model = build_model(get_preset("r18-tiny-shapes").config).eval()
+    x = torch.rand(2, 3, 256, 256) * 255
+    batch = torch.export.Dim("batch", min=1, max=16)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
+    with torch.no_grad():
+        for n in (1, 3):
+            xi = torch.rand(n, 3, 256, 256) * 255
+            torch.testing.assert_close(program.module()(xi)["pred_masks"], model(xi)["pred_masks"], rtol=0, atol=1e-4)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        MaskFormerConfig(num_classes=3, input_size=(500, 512))
+    with pytest.raises(ValueError, match="enc_layers"):
+        MaskFormerConfig(num_classes=3, pixel_decoder="transformer_encoder")
+    with pytest.raises(ValueError, match="backbone kind"):
+        MaskFormerConfig(num_classes=3, backbone={"kind": "vgg"})
+    with pytest.raises(KeyError, match="known presets"):
+        get_preset("r50-cityscapes")
+    assert MaskFormerConfig.from_dict(TINY.to_dict()) == TINY

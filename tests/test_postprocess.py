@@ -1,0 +1,210 @@
+"""Post-processing properties, and agreement with transformers' semantic post-processing."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.postprocess import boxes_from_masks, postprocess
+
+NO_OBJECT = 20.0
+
+
+def blob_outputs(regions, classes, num_classes, size=(64, 80), num_queries=12, score_logit=8.0):
+    """Outputs a trained model would give: query i owns region i (smooth mask logits) with class classes[i].
+
+    regions: list of boolean [h, w] masks at stride 4. Unused queries predict "no object".
+    """
+    h, w = size
+    logits = torch.zeros(num_queries, num_classes + 1)
+    logits[:, -1] = NO_OBJECT
+    masks = torch.full((num_queries, h, w), -10.0)
+    blur = torch.ones(1, 1, 5, 5) / 25
+    for i, (region, c) in enumerate(zip(regions, classes)):
+        logits[i, -1] = 0.0
+        logits[i, c] = score_logit
+        soft = F.conv2d(region.float()[None, None], blur, padding=2)[0, 0]
+        masks[i] = 12 * (soft - 0.5)
+    return {"pred_logits": logits[None], "pred_masks": masks[None]}
+
+
+def layout(h=64, w=80):
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    sky = yy < 25 + 0.2 * (xx - 40)
+    disc1 = (yy - 40) ** 2 + (xx - 20) ** 2 < 100
+    disc2 = (yy - 45) ** 2 + (xx - 60) ** 2 < 64
+    square = (yy - 10).abs().le(5) & (xx - 60).abs().le(5)
+    ground = ~sky & ~disc1 & ~disc2
+    return {"sky": sky & ~square, "ground": ground, "disc1": disc1, "disc2": disc2, "square": square}
+
+
+ISTHING = [False, False, True, True]  # sky, ground, circle, square
+
+
+def scene_outputs():
+    r = layout()
+    return blob_outputs([r["sky"], r["ground"], r["disc1"], r["disc2"], r["square"]], [0, 1, 2, 2, 3], 4)
+
+
+def check_area_bbox(result):
+    for seg in result.segments:
+        mask = result.mask(seg)
+        assert seg.area == int(mask.sum())
+        assert seg.bbox == boxes_from_masks(mask[None])[0]
+
+
+def test_semantic_covers_every_pixel_with_one_segment_per_class():
+    out = scene_outputs()
+    (res,) = postprocess(out, "semantic", ISTHING, orig_sizes=[(120, 150)])
+    assert res.segment_map.shape == (120, 150)
+    assert bool((res.segment_map > 0).all())
+    assert sorted(s.label_id for s in res.segments) == [0, 1, 2, 3]
+    assert sum(s.area for s in res.segments) == 120 * 150
+    assert len({s.id for s in res.segments}) == len(res.segments)
+    check_area_bbox(res)
+    # the two discs are one "circle" segment in semantic output
+    circle = next(s for s in res.segments if s.label_id == 2)
+    assert circle.isthing and 0 < circle.score <= 1
+
+
+def test_panoptic_segments_are_disjoint_with_unique_ids_and_stuff_merged():
+    r = layout()
+    # the sky is predicted by two queries (left and right halves): a repeated stuff class
+    left = r["sky"].clone()
+    left[:, 40:] = False
+    right = r["sky"] & ~left
+    out = blob_outputs([left, right, r["ground"], r["disc1"], r["disc2"], r["square"]], [0, 0, 1, 2, 2, 3], 4)
+    (res,) = postprocess(out, "panoptic", ISTHING)
+    ids = [s.id for s in res.segments]
+    assert len(ids) == len(set(ids)) and 0 not in ids
+    labels = [s.label_id for s in res.segments]
+    assert labels.count(0) == 1, "both sky queries merge into one stuff segment"
+    assert labels.count(2) == 2, "two circles stay two thing segments"
+    assert set(res.segment_map.unique().tolist()) <= set(ids) | {0}
+    # disjoint: one map, every pixel in at most one segment; areas add up to the labelled pixels
+    assert sum(s.area for s in res.segments) == int((res.segment_map > 0).sum())
+    check_area_bbox(res)
+
+
+def test_panoptic_object_mask_threshold_is_respected():
+    r = layout()
+    out = blob_outputs([r["sky"], r["ground"], r["disc1"]], [0, 1, 2], 4)
+    out["pred_logits"][0, 2, 2] = 2.0  # the disc query is unsure: p(circle) ~ 0.7
+    p = out["pred_logits"][0, 2].softmax(-1).max().item()
+    (low,) = postprocess(out, "panoptic", ISTHING, threshold=p - 0.05)
+    (high,) = postprocess(out, "panoptic", ISTHING, threshold=p + 0.05)
+    assert 2 in [s.label_id for s in low.segments]
+    assert 2 not in [s.label_id for s in high.segments]
+    assert all(s.score > p + 0.05 for s in high.segments)
+
+
+def test_panoptic_overlap_threshold_drops_mostly_hidden_segments():
+    r = layout()
+    half_disc = r["disc1"].clone()
+    half_disc[:, :20] = False
+    # query 3 claims the whole disc but the confident disc query owns its left half
+    out = blob_outputs([r["sky"], r["ground"], r["disc1"] & ~half_disc, r["disc1"]], [0, 1, 2, 3], 4)
+    out["pred_logits"][0, 3, 3] = 4.0  # less confident than query 2
+    (strict,) = postprocess(out, "panoptic", ISTHING, threshold=0.5, overlap_threshold=0.8)
+    (lenient,) = postprocess(out, "panoptic", ISTHING, threshold=0.5, overlap_threshold=0.3)
+    assert 3 not in [s.label_id for s in strict.segments]
+    assert 3 in [s.label_id for s in lenient.segments]
+
+
+def test_panoptic_with_nothing_confident_is_empty():
+    out = scene_outputs()
+    (res,) = postprocess(out, "panoptic", ISTHING, threshold=0.99999, orig_sizes=[(30, 40)])
+    assert res.segments == [] and res.segment_map.shape == (30, 40) and not res.segment_map.any()
+
+
+def test_instance_sorted_by_score_thresholded_and_may_overlap():
+    r = layout()
+    out = blob_outputs([r["sky"], r["disc1"], r["disc2"], r["disc1"] | r["square"]], [0, 2, 2, 3], 4)
+    out["pred_logits"][0, 2, 2] = 5.0
+    (res,) = postprocess(out, "instance", ISTHING)
+    scores = [s.score for s in res.segments]
+    assert scores == sorted(scores, reverse=True) and len(scores) > 0
+    assert all(s.isthing for s in res.segments), "only thing classes compete when the model has any"
+    assert res.masks.shape[1:] == (256, 320)
+    m = res.masks
+    assert bool((m[:, None] & m[None]).flatten(2).any(2).fill_diagonal_(False).any()), "overlap allowed"
+    check_area_bbox(res)
+    (top,) = postprocess(out, "instance", ISTHING, threshold=scores[1], max_segments=5)
+    assert [s.score for s in top.segments] == scores[:1]
+    (capped,) = postprocess(out, "instance", ISTHING, max_segments=2)
+    assert [s.score for s in capped.segments] == scores[:2]
+
+
+def test_padding_is_cropped_before_resizing_to_the_original_size():
+    r = layout()
+    pad = torch.zeros(64, 80, dtype=torch.bool)
+    pad[:, 60:] = True  # the right quarter of the input is padding, predicted as class 3
+    out = blob_outputs([r["sky"] & ~pad, ~r["sky"] & ~pad, pad], [0, 1, 3], 4)
+    (res,) = postprocess(out, "semantic", ISTHING, image_sizes=[(256, 240)], orig_sizes=[(512, 480)])
+    assert res.segment_map.shape == (512, 480)
+    # only the blurred edge of the padding's mask reaches into the image
+    assert (res.label_map() == 3).float().mean() < 0.01
+    (uncropped,) = postprocess(out, "semantic", ISTHING, orig_sizes=[(512, 480)])
+    assert (uncropped.label_map() == 3).float().mean() > 0.2
+
+
+def test_batch_of_different_sizes():
+    out = scene_outputs()
+    batch = {k: torch.cat([v, v]) for k, v in out.items()}
+    results = postprocess(
+        batch, "panoptic", ISTHING, image_sizes=[(256, 320), (200, 320)], orig_sizes=[(100, 125), (50, 80)]
+    )
+    assert [tuple(r.segment_map.shape) for r in results] == [(100, 125), (50, 80)]
+
+
+def test_bad_arguments_are_rejected():
+    out = scene_outputs()
+    with pytest.raises(ValueError, match="task"):
+        postprocess(out, "depth", ISTHING)
+    with pytest.raises(ValueError, match="thing flags"):
+        postprocess(out, "semantic", ISTHING[:2])
+    with pytest.raises(ValueError, match="orig_sizes"):
+        postprocess(out, "semantic", ISTHING, orig_sizes=[(1, 1), (2, 2)])
+
+
+def test_area_and_bbox_match_pycocotools():
+    mask_util = pytest.importorskip("pycocotools.mask")
+    import numpy as np
+
+    (res,) = postprocess(scene_outputs(), "panoptic", ISTHING, orig_sizes=[(97, 131)])
+    for seg in res.segments:
+        rle = mask_util.encode(np.asfortranarray(res.mask(seg).numpy().astype(np.uint8)))
+        assert seg.area == int(mask_util.area(rle))
+        assert list(seg.bbox) == mask_util.toBbox(rle).tolist()
+
+
+@pytest.mark.parametrize("target", [(256, 320), (500, 640), (97, 131)])
+def test_semantic_agrees_with_transformers(target):
+    """transformers combines classes and masks at stride 4 and then resizes the class scores; we resize
+    the mask logits first (the official order). On the same outputs the maps agree on >= 99.5 % of pixels."""
+    transformers = pytest.importorskip("transformers")
+    out = scene_outputs()
+    processor = transformers.MaskFormerImageProcessor()
+    ns = SimpleNamespace(class_queries_logits=out["pred_logits"], masks_queries_logits=out["pred_masks"])
+    (ref,) = processor.post_process_semantic_segmentation(ns, target_sizes=[target])
+    (res,) = postprocess(out, "semantic", ISTHING, orig_sizes=[target])
+    agreement = (res.label_map() == ref).float().mean().item()
+    assert agreement >= 0.995, agreement
+
+
+def test_panoptic_ids_stay_unique_where_transformers_collide():
+    """transformers resets its id counter to a fused stuff segment's id, so the next segment reuses an id."""
+    transformers = pytest.importorskip("transformers")
+    r = layout()
+    left = r["sky"].clone()
+    left[:, 40:] = False
+    out = blob_outputs([left, r["disc1"], r["sky"] & ~left, r["disc2"], r["ground"]], [0, 2, 0, 2, 1], 4)
+    processor = transformers.MaskFormerImageProcessor()
+    ns = SimpleNamespace(class_queries_logits=out["pred_logits"], masks_queries_logits=out["pred_masks"])
+    (ref,) = processor.post_process_panoptic_segmentation(ns, threshold=0.8, label_ids_to_fuse={0, 1})
+    ref_ids = [s["id"] for s in ref["segments_info"] if s["label_id"] == 2]
+    assert len(ref_ids) == 2 and ref_ids[0] == ref_ids[1], "transformers 5.23 merges the two circles under one id"
+    (res,) = postprocess(out, "panoptic", ISTHING)
+    ids = [s.id for s in res.segments]
+    assert len(set(ids)) == len(ids) == 4  # sky (merged), two circles, ground
