@@ -92,3 +92,61 @@ def test_split_in_proj_matches_torch_multihead_attention():
     ours.load_state_dict({k.removeprefix("decoder.layers.0.self_attn."): v for k, v in mapped.items()})
     q, k, v = torch.randn(3, 2, 5, 32).unbind(0)
     torch.testing.assert_close(ours(q, k, v), ref(q, k, v, need_weights=False)[0], rtol=0, atol=1e-5)
+
+
+def official_swin_keys(depths, embed_dim, window):
+    """Backbone key names of the official D2SwinTransformer (mask_former/modeling/backbone/swin.py)."""
+    keys = {
+        "backbone.patch_embed.proj.weight": (embed_dim, 3, 4, 4),
+        "backbone.patch_embed.proj.bias": (embed_dim,),
+        "backbone.patch_embed.norm.weight": (embed_dim,),
+        "backbone.patch_embed.norm.bias": (embed_dim,),
+    }
+    for i, depth in enumerate(depths):
+        c, heads = embed_dim * 2**i, 3 * 2**i
+        for j in range(depth):
+            b = f"backbone.layers.{i}.blocks.{j}."
+            keys |= {
+                b + "norm1.weight": (c,),
+                b + "norm1.bias": (c,),
+                b + "norm2.weight": (c,),
+                b + "norm2.bias": (c,),
+                b + "attn.relative_position_bias_table": ((2 * window - 1) ** 2, heads),
+                b + "attn.relative_position_index": (window**2, window**2),
+                b + "attn.qkv.weight": (3 * c, c),
+                b + "attn.qkv.bias": (3 * c,),
+                b + "attn.proj.weight": (c, c),
+                b + "attn.proj.bias": (c,),
+                b + "mlp.fc1.weight": (4 * c, c),
+                b + "mlp.fc1.bias": (4 * c,),
+                b + "mlp.fc2.weight": (c, 4 * c),
+                b + "mlp.fc2.bias": (c,),
+            }
+        if i < len(depths) - 1:
+            d = f"backbone.layers.{i}.downsample."
+            keys |= {d + "reduction.weight": (2 * c, 4 * c), d + "norm.weight": (4 * c,), d + "norm.bias": (4 * c,)}
+        keys |= {f"backbone.norm{i}.weight": (c,), f"backbone.norm{i}.bias": (c,)}
+    return keys
+
+
+def test_swin_backbone_keys_map_onto_the_swin_preset():
+    from model.convert.common import assemble
+    from model.maskformer import build_model
+
+    head = {k: v for k, v in official_state("maskformer_R50_FPN_ade20k").items() if not k.startswith("backbone.")}
+    head["sem_seg_head.adapter_1.weight"] = np.zeros((256, 96, 1, 1), np.float32)
+    head["sem_seg_head.adapter_2.weight"] = np.zeros((256, 192, 1, 1), np.float32)
+    head["sem_seg_head.adapter_3.weight"] = np.zeros((256, 384, 1, 1), np.float32)
+    head["sem_seg_head.layer_4.weight"] = np.zeros((256, 768, 3, 3), np.float32)
+    head["sem_seg_head.predictor.input_proj.weight"] = np.zeros((256, 768, 1, 1), np.float32)
+    state = {k: torch.from_numpy(v) for k, v in head.items()}
+    state |= {k: torch.randn(s) for k, s in official_swin_keys([2, 2, 6, 2], 96, 7).items()}
+    model = assemble(build_model(get_preset("swin-t-ade20k").config), map_detectron2_keys(state, "swin"), "swin")
+    ours = model.state_dict()
+    torch.testing.assert_close(
+        ours["backbone.features.5.5.mlp.3.weight"], state["backbone.layers.2.blocks.5.mlp.fc2.weight"]
+    )
+    torch.testing.assert_close(ours["backbone.norms.3.weight"], state["backbone.norm3.weight"])
+    torch.testing.assert_close(
+        ours["backbone.features.6.reduction.weight"], state["backbone.layers.2.downsample.reduction.weight"]
+    )

@@ -1,0 +1,64 @@
+"""`maskformer convert --from hf` beyond the numbers: file variants, class metadata, refusals."""
+
+import json
+
+import pytest
+import torch
+
+from model import load_model
+from model.classes import load_classes
+from service.cli import main as cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_hf(**kwargs):
+    backbone = transformers.ResNetConfig(
+        layer_type="basic",
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[64, 128, 256, 512],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    cfg = transformers.MaskFormerConfig(backbone_config=backbone, **kwargs)
+    cfg.decoder_config.decoder_layers = 2
+    return transformers.MaskFormerForInstanceSegmentation(cfg).eval()
+
+
+def test_pytorch_model_bin_and_preprocessor_config(tmp_path):
+    hf = small_hf(num_labels=4)
+    src = tmp_path / "hf"
+    hf.save_pretrained(src)
+    (src / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), src / "pytorch_model.bin")  # the older transformers file layout
+    transformers.MaskFormerImageProcessor(size={"shortest_edge": 640, "longest_edge": 1333}).save_pretrained(src)
+    out = tmp_path / "m.safetensors"
+    assert cli(["convert", "--from", "hf", str(src), "--out", str(out), "--name", "mine"]) == 0
+    model = load_model(out)
+    assert model.info.name == "mine" and model.cfg.dec_layers == 2 and model.cfg.input_size == (640, 640)
+    torch.testing.assert_close(model.pixel_mean.flatten(), torch.tensor([123.675, 116.28, 103.53]))
+    x = torch.rand(1, 3, 128, 128) * 255
+    with torch.no_grad():
+        ref = hf(pixel_values=(x - model.pixel_mean) / model.pixel_std).class_queries_logits
+        torch.testing.assert_close(model(x)["pred_logits"], ref, rtol=0, atol=1e-4)
+
+
+def test_thing_flags_come_from_a_matching_shipped_class_list(tmp_path):
+    ade = load_classes("ade20k-150")
+    hf = small_hf(id2label=dict(enumerate(ade.names)), label2id={n: i for i, n in enumerate(ade.names)})
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "m.safetensors"
+    assert cli(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(out)]) == 0
+    info = load_model(out).info
+    assert info.class_names == list(ade.names) and info.isthing == list(ade.isthing)
+
+
+def test_refusals_are_clear(tmp_path, capsys):
+    assert cli(["convert", "--from", "hf", str(tmp_path), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    small_hf(num_labels=3).save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg["backbone_config"]["hidden_sizes"] = [32, 64, 128, 256]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    assert cli(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "torchvision" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
