@@ -88,9 +88,8 @@ class MaskFormerConfig:
             raise ValueError("num_classes must be >= 1")
         if any(s % 32 for s in self.input_size):
             raise ValueError(f"input_size {self.input_size} must be multiples of 32 (the backbone's output stride)")
-        for name in ("conv_dim", "hidden_dim", "mask_dim"):
-            if getattr(self, name) % 32 and name == "conv_dim":
-                raise ValueError("conv_dim must be a multiple of 32 (GroupNorm with 32 groups)")
+        if self.conv_dim % 32:
+            raise ValueError("conv_dim must be a multiple of 32 (GroupNorm with 32 groups)")
         if self.hidden_dim % self.nheads:
             raise ValueError("hidden_dim must be divisible by nheads")
 

@@ -55,6 +55,8 @@ def resize_mask_logits(
     masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int], orig_size: tuple[int, int]
 ) -> Tensor:
     """[N, h, w] mask logits at stride 4 -> [N, *orig_size] logits of the image's own region."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *orig_size))
     x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)
     x = x[..., : image_size[0], : image_size[1]]
     return F.interpolate(x, size=orig_size, mode="bilinear", align_corners=False)[0]

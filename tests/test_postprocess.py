@@ -208,3 +208,10 @@ def test_panoptic_ids_stay_unique_where_transformers_collide():
     (res,) = postprocess(out, "panoptic", ISTHING)
     ids = [s.id for s in res.segments]
     assert len(set(ids)) == len(ids) == 4  # sky (merged), two circles, ground
+
+
+def test_instance_with_no_candidates_is_empty():
+    out = scene_outputs()
+    out["pred_logits"][..., :-1] = -1e4  # every query says "no object" with certainty
+    (res,) = postprocess(out, "instance", [False] * 4, orig_sizes=[(30, 40)])
+    assert res.segments == [] and res.masks.shape == (0, 30, 40)
