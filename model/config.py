@@ -154,10 +154,13 @@ def _coco(backbone: BackboneConfig, what: str) -> Preset:
 
 
 def _tiny(num_classes: int, classes: str, size: int) -> Preset:
-    """A small CPU model: ResNet-18, 128-wide heads, 3 decoder layers, 20 queries."""
+    """A small CPU model: ResNet-10 (one basic block per stage), 128-wide heads, 3 decoder layers, 20 queries.
+
+    No dropout: trained from scratch on small data, it converges several times faster without it.
+    """
     cfg = MaskFormerConfig(
         num_classes=num_classes,
-        backbone=resnet(18),
+        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
         conv_dim=128,
         mask_dim=128,
         hidden_dim=128,
@@ -165,9 +168,10 @@ def _tiny(num_classes: int, classes: str, size: int) -> Preset:
         nheads=4,
         dim_feedforward=512,
         dec_layers=3,
+        dropout=0.0,
         input_size=(size, size),
     )
-    return Preset(cfg, classes, f"small CPU MaskFormer (R18, 3 decoder layers, 20 queries), {size}x{size}")
+    return Preset(cfg, classes, f"small CPU MaskFormer (R10, 3 decoder layers, 20 queries), {size}x{size}")
 
 
 PRESETS: dict[str, Preset] = {
@@ -184,8 +188,8 @@ PRESETS: dict[str, Preset] = {
     "swin-b-coco-panoptic": _coco(swin("b"), "Swin-B"),
     "swin-l-coco-panoptic": _coco(swin("l"), "Swin-L"),
     # Small CPU presets; the shapes one is what the shipped demo model is trained from.
-    "r18-tiny-shapes": _tiny(5, "shapes", 256),
-    "r18-tiny-ade20k": _tiny(150, ADE20K, 256),
+    "r10-tiny-shapes": _tiny(5, "shapes", 256),
+    "r10-tiny-ade20k": _tiny(150, ADE20K, 256),
 }
 
 

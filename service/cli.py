@@ -76,6 +76,93 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from model.data.shapes import TRAIN_SEED, VAL_SEED, write_split
+
+    for split, count, seed in (("train", args.train, TRAIN_SEED), ("val", args.val, VAL_SEED)):
+        if count:
+            print(f"wrote {write_split(args.out, split, count, seed)}")
+    return 0
+
+
+def _coco_split(root: Path, split: str) -> tuple[Path, Path, Path]:
+    """images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout `data shapes` writes)."""
+    return root / "images" / split, root / f"panoptic_{split}.json", root / f"panoptic_{split}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model import ModelInfo, build_model, get_preset, load_model
+    from model.data.coco_panoptic import CocoPanoptic, collate
+    from model.data.transforms import train_transforms
+    from model.train import TrainConfig, train
+
+    cfg = get_preset(args.preset).config
+    crop = cfg.input_size if args.crop is None else (args.crop, args.crop)
+    train_set = CocoPanoptic(
+        *_coco_split(args.data, args.train_split), train_transforms(crop, args.min_scale, args.max_scale)
+    )
+    if args.init:
+        model = load_model(args.init).train()
+    else:
+        info = ModelInfo(name=args.name or args.preset, class_names=train_set.class_names, isthing=train_set.isthing)
+        model = build_model(cfg, info)
+    if len(train_set.class_names) != model.cfg.num_classes:
+        raise ValueError(f"the data has {len(train_set.class_names)} classes, the model {model.cfg.num_classes}")
+    if args.backbone_weights:
+        from model.backbone_weights import load_backbone_weights
+
+        load_backbone_weights(model, args.backbone_weights)
+    evaluate = None
+    if args.val_split:
+        from model.evaluation import evaluate_panoptic_dataset
+
+        val_set = CocoPanoptic(*_coco_split(args.data, args.val_split))
+
+        def evaluate(m):  # noqa: F811 - rebinds the optional callback
+            return evaluate_panoptic_dataset(m, val_set, limit=args.eval_images)["summary"]
+
+    tc = TrainConfig(
+        out_dir=str(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        backbone_lr_mult=args.backbone_lr_mult,
+        clip_grad_norm=args.clip_grad_norm,
+        amp=args.amp,
+        num_workers=args.workers,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+    )
+    last = train(model, train_set, tc, collate, evaluate=evaluate, resume=args.resume)
+    print(json.dumps(last))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model import load_model
+    from model.data.coco_panoptic import CocoPanoptic
+    from model.evaluation import evaluate_panoptic_dataset
+
+    model = load_model(args.weights)
+    names = model.info.class_names if model.info else []
+    dataset = CocoPanoptic(*_coco_split(args.data, args.split))
+    if dataset.class_names != names:
+        raise ValueError(f"the data's classes {dataset.class_names} are not the model's {names}")
+    report = evaluate_panoptic_dataset(model, dataset, limit=args.limit, batch_size=args.batch_size)
+    report = {"weights": str(args.weights), "data": str(args.data), "split": args.split, **report}
+    report["per_class_iou"] = dict(zip(names, report["per_class_iou"]))
+    s = report["summary"]
+    print(f"{'':8}{'PQ':>7}{'SQ':>7}{'RQ':>7}{'N':>4}")
+    for name, suffix in (("all", ""), ("things", "_th"), ("stuff", "_st")):
+        print(f"{name:8}{s['PQ' + suffix]:7.2f}{s['SQ' + suffix]:7.2f}{s['RQ' + suffix]:7.2f}{s['N' + suffix]:4d}")
+    print(f"mIoU {s['mIoU']:.2f}  pixel accuracy {s['pixel_accuracy']:.2f}  ({s['images']} images)")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +180,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name stored in the checkpoint (default: the source's name)")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("data", help="generate datasets")
+    data = p.add_subparsers(dest="dataset", required=True)
+    d = data.add_parser("shapes", help="the synthetic shapes dataset (spec v1) in COCO panoptic format")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--train", type=int, default=4000, help="training images (seeds 0..N-1)")
+    d.add_argument("--val", type=int, default=500, help="validation images (seeds 1000000..)")
+    d.set_defaults(func=cmd_data_shapes)
+
+    p = sub.add_parser("train", help="train a model (single process, or multi-GPU/multi-node under torchrun)")
+    p.add_argument("--preset", required=True, help="architecture (see `maskformer presets`)")
+    p.add_argument("--data", type=Path, required=True, help="COCO-panoptic-format root (layout of `data shapes`)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--val-split", help="evaluate on this split during and after training")
+    p.add_argument("--eval-images", type=int, help="evaluate on the first N validation images only")
+    p.add_argument("--out", type=Path, required=True, help="output folder: model.safetensors, last.pt, metrics.jsonl")
+    p.add_argument("--name", help="model name stored in the checkpoint")
+    p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
+    p.add_argument("--resume", type=Path, help="resume from a last.pt training state")
+    p.add_argument("--backbone-weights", type=Path, help="local ImageNet weights (torchvision or timm state dict)")
+    p.add_argument("--steps", type=int, default=160_000)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1)
+    p.add_argument("--clip-grad-norm", type=float, default=0.01)
+    p.add_argument("--crop", type=int, help="square training crop (default: the preset's input size)")
+    p.add_argument("--min-scale", type=float, default=0.5)
+    p.add_argument("--max-scale", type=float, default=2.0)
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="PQ/SQ/RQ and mIoU of a checkpoint on a COCO-panoptic-format split")
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="root in the layout of `data shapes`")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ import torch
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("TEST_THREADS", "2")))
 
 
 def scene(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:

@@ -61,7 +61,7 @@ def test_images_in_a_batch_do_not_affect_each_other(backbone):
 
 
 def test_exports_with_a_dynamic_batch_and_no_data_dependent_control_flow():
-    model = build_model(get_preset("r18-tiny-shapes").config).eval()
+    model = build_model(get_preset("r10-tiny-shapes").config).eval()
     x = torch.rand(2, 3, 256, 256) * 255
     batch = torch.export.Dim("batch", min=1, max=16)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)

@@ -1,0 +1,1 @@
+"""Datasets: COCO panoptic format (also used by the synthetic shapes set), ADE20K, and augmentations."""

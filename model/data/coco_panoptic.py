@@ -1,0 +1,89 @@
+"""COCO panoptic format: a JSON with images, segments_info and categories, plus a folder of PNGs whose
+pixels encode segment ids as R + 256*G + 256^2*B (0 = VOID). Used for COCO and for the shapes dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from model.data.transforms import drop_empty
+
+IGNORE = 255
+
+
+def rgb_to_id(png: np.ndarray) -> np.ndarray:
+    png = png.astype(np.int64)
+    return png[..., 0] + 256 * png[..., 1] + 256 * 256 * png[..., 2]
+
+
+def semantic_target(labels: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[H, W] class ids from segment masks, IGNORE where no segment (VOID, crowd or padding)."""
+    sem = torch.full(size, IGNORE, dtype=torch.int64)
+    for label, mask in zip(labels.tolist(), masks):
+        sem[mask] = label
+    return sem
+
+
+class CocoPanoptic(Dataset):
+    """Items are (image [3, H, W] float 0..255, target) with target keys
+    labels [N] (contiguous class index), masks [N, H, W] bool, and image_id."""
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        panoptic_json: str | Path,
+        panoptic_dir: str | Path,
+        transforms: v2.Transform | None = None,
+    ) -> None:
+        self.image_dir, self.panoptic_dir = Path(image_dir), Path(panoptic_dir)
+        doc = json.loads(Path(panoptic_json).read_text())
+        self.categories = doc["categories"]
+        self.contiguous = {c["id"]: i for i, c in enumerate(self.categories)}
+        images = {im["id"]: im for im in doc["images"]}
+        self.items = [(images[a["image_id"]], a) for a in doc["annotations"]]
+        self.transforms = transforms
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    @property
+    def isthing(self) -> list[bool]:
+        return [bool(c["isthing"]) for c in self.categories]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+        """Raw (RGB image, segment-id map, segments_info) of one item."""
+        image_info, ann = self.items[index]
+        image = np.array(Image.open(self.image_dir / image_info["file_name"]).convert("RGB"))
+        ids = rgb_to_id(np.asarray(Image.open(self.panoptic_dir / ann["file_name"]).convert("RGB")))
+        return image, ids, ann["segments_info"]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, ids, segments = self.load(index)
+        segments = [s for s in segments if not s.get("iscrowd", 0)]
+        labels = torch.tensor([self.contiguous[s["category_id"]] for s in segments], dtype=torch.int64)
+        masks = torch.from_numpy(
+            np.stack([ids == s["id"] for s in segments]) if segments else np.zeros((0, *ids.shape), bool)
+        )
+        img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+        mask_tv = tv_tensors.Mask(masks)
+        if self.transforms is not None:
+            img, mask_tv = self.transforms(img, mask_tv)
+        target = drop_empty({"labels": labels, "masks": mask_tv.as_subclass(torch.Tensor).bool()})
+        target["image_id"] = torch.tensor(self.items[index][0]["id"])
+        return img.as_subclass(torch.Tensor).float(), target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)

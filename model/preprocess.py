@@ -1,0 +1,26 @@
+"""Fitting an image to the model's static input size: resize keeping the aspect ratio, pad right/bottom."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.config import IMAGENET_MEAN
+
+
+def letterbox(
+    image: Tensor, size: tuple[int, int], fill: tuple[float, float, float] = IMAGENET_MEAN
+) -> tuple[Tensor, tuple[int, int]]:
+    """[3, H, W] float 0..255 -> ([3, *size] padded input, (h, w) of the image inside it).
+
+    The padding is the mean colour, i.e. 0 after the model's normalisation, as in training.
+    """
+    _, h, w = image.shape
+    scale = min(size[0] / h, size[1] / w)
+    rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
+    if (rh, rw) != (h, w):
+        image = F.interpolate(image[None], size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
+    out = torch.tensor(fill, dtype=image.dtype, device=image.device).view(3, 1, 1).repeat(1, *size)
+    out[:, :rh, :rw] = image
+    return out, (rh, rw)

@@ -1,0 +1,290 @@
+"""Training: the official recipe (AdamW, backbone lr x0.1, poly schedule, full-model gradient clipping),
+DDP through torchrun, mixed precision on GPU, exact resume, periodic evaluation and a JSON-lines log.
+
+Data order and augmentation are functions of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would, whatever the number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from model.checkpoint import save_model
+from model.criterion import SetCriterion
+from model.maskformer import MaskFormer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    steps: int = 160_000
+    batch_size: int = 16  # global, split across processes
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 0.1
+    clip_grad_norm: float = 0.01
+    poly_power: float = 0.9
+    amp: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16), "bf16", "fp16", "none"
+    num_workers: int = 2
+    seed: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end
+    stop_at: int = 0  # end this run early at this step (saving the training state); 0 = run to `steps`
+    checkpoint_every: int = 1000
+    log_every: int = 20
+    extra: dict = field(default_factory=dict)
+
+
+class StepSampler(Sampler):
+    """Yields, for each step from `start_step`, this process's share of the global batch as
+    (dataset index, augmentation seed) pairs. Epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int, rank: int, world: int):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+        self.size, self.batch, self.seed = size, batch_size, seed
+        self.start, self.steps, self.rank, self.world = start_step, steps, rank, world
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_rank = self.batch // self.world
+        perms: dict[int, list[int]] = {}
+        for step in range(self.start, self.steps):
+            batch = []
+            for j in range(self.rank * per_rank, (self.rank + 1) * per_rank):
+                position = step * self.batch + j
+                epoch, offset = divmod(position, self.size)
+                if epoch not in perms:
+                    g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                    perms = {epoch: torch.randperm(self.size, generator=g).tolist()}
+                batch.append((perms[epoch][offset], (self.seed * 1_000_003 + position) % 2**63))
+            yield batch
+
+
+class SeededDataset(Dataset):
+    """Applies the wrapped dataset's random augmentation under a per-sample seed."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def param_groups(model: MaskFormer, cfg: TrainConfig) -> list[dict]:
+    """Backbone at lr x backbone_lr_mult; no weight decay on norms, embeddings and position-bias tables."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = id(p) not in no_decay and not name.endswith("relative_position_bias_table")
+        groups.setdefault((name.startswith("backbone."), decay), []).append(p)
+    return [
+        {
+            "params": params,
+            "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+        }
+        for (backbone, decay), params in sorted(groups.items())
+    ]
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": json.dumps(np.random.get_state(legacy=True)[1].tolist()),  # type: ignore[index]
+        "python": json.dumps(random.getstate()[1]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(json.loads(state["python"])), None))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "none":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """rank, world size and device; initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def train(
+    model: MaskFormer,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    collate_fn,
+    evaluate=None,
+    resume: str | Path | None = None,
+) -> dict:
+    """Train `model` in place; returns the last metrics. `evaluate(model) -> dict` runs on rank 0."""
+    from tqdm import tqdm
+
+    rank, world, device = setup_distributed()
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    criterion = SetCriterion(model.cfg.num_classes).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
+    step = 0
+    state_path = out / "last.pt"
+    if resume:
+        # weights_only: tensors and plain containers only, nothing executable
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", resume, step)
+    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    end = cfg.stop_at or cfg.steps
+    sampler = StepSampler(len(train_set), cfg.batch_size, cfg.seed, step, end, rank, world)  # type: ignore[arg-type]
+    loader = DataLoader(
+        SeededDataset(train_set),
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+    )
+    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
+    writer = _tensorboard(out) if rank == 0 else None
+    last: dict = {}
+    progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    started = time.time()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = net(images)
+        losses = criterion(outputs, targets)  # the loss in float32
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        progress.update()
+        if not math.isfinite(losses["loss"].item()):
+            raise FloatingPointError(f"loss is {losses['loss'].item()} at step {step}")
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            last = {k: round(v.item(), 5) for k, v in losses.items() if "_" not in k.removeprefix("loss_")}
+            last.update(
+                step=step,
+                lr=scheduler.get_last_lr()[-1],
+                grad_norm=round(float(grad_norm), 5),
+                elapsed_s=round(time.time() - started, 1),
+            )
+            progress.set_postfix(loss=last["loss"])
+            _log(metrics_file, writer, last)
+        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
+            _save_state(state_path, model, optimizer, scheduler, step)
+        if (
+            evaluate is not None
+            and rank == 0
+            and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
+        ):
+            model.eval()
+            result = {"step": step, **evaluate(model)}
+            model.train()
+            _log(metrics_file, writer, result)
+            last.update(result)
+    progress.close()
+    if rank == 0:
+        save_model(model.eval(), out / "model.safetensors")
+        if metrics_file:
+            metrics_file.close()
+    if world > 1:
+        dist.barrier()
+    return last
+
+
+def _save_state(path: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "rng": rng_state(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _log(file, writer, record: dict) -> None:
+    if file is not None:
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+    log.debug("%s", record)

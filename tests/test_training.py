@@ -1,0 +1,143 @@
+"""Training: overfitting a handful of images, exact resume, and DDP with two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import BackboneConfig, MaskFormerConfig, ModelInfo, build_model, load_model
+from model.data.coco_panoptic import CocoPanoptic, collate
+from model.data.shapes import CATEGORIES, write_split
+from model.data.transforms import train_transforms
+from model.evaluation import evaluate_panoptic_dataset
+from model.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = [c["name"] for c in CATEGORIES]
+ISTHING = [bool(c["isthing"]) for c in CATEGORIES]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_split(root, "train", 8, 0)
+    return root
+
+
+def dataset(root, crop):
+    return CocoPanoptic(
+        root / "images" / "train",
+        root / "panoptic_train.json",
+        root / "panoptic_train",
+        train_transforms((crop, crop), 1.0, 1.0, colour=False),
+    )
+
+
+def tiny_model(size, dropout=0.1):
+    cfg = MaskFormerConfig(
+        num_classes=5,
+        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
+        conv_dim=64,
+        mask_dim=64,
+        hidden_dim=64,
+        num_queries=10,
+        nheads=4,
+        dim_feedforward=128,
+        dec_layers=2,
+        dropout=dropout,
+        input_size=(size, size),
+    )
+    return build_model(cfg, ModelInfo("tiny", NAMES, ISTHING))
+
+
+def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
+    # dropout stays on so the run depends on the restored RNG state
+    data = dataset(shapes, 64)
+    common = dict(steps=6, batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=1.0, checkpoint_every=100)
+    torch.manual_seed(0)
+    straight = tiny_model(64)
+    train(straight, data, TrainConfig(out_dir=str(tmp_path / "a"), **common), collate)
+
+    torch.manual_seed(0)
+    first = tiny_model(64)
+    train(first, data, TrainConfig(out_dir=str(tmp_path / "b"), stop_at=3, **common), collate)
+    torch.manual_seed(123)  # a fresh process: nothing but the saved state carries over
+    resumed = tiny_model(64)
+    train(resumed, data, TrainConfig(out_dir=str(tmp_path / "b"), **common), collate, resume=tmp_path / "b" / "last.pt")
+
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert not torch.equal(a["class_embed.weight"], tiny_model(64).state_dict()["class_embed.weight"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_overfits_a_handful_of_images(shapes, tmp_path):
+    data = dataset(shapes, 128)
+    data.items = data.items[:4]
+    model = tiny_model(128, dropout=0.0)
+    cfg = TrainConfig(
+        out_dir=str(tmp_path),
+        steps=200,
+        batch_size=4,
+        num_workers=0,
+        lr=1e-3,
+        backbone_lr_mult=1.0,
+        log_every=10,
+        checkpoint_every=1000,
+    )
+    train(model, data, cfg, collate)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.2 * log[0]["loss"], (log[0]["loss"], log[-1]["loss"])
+
+    # predictions on those images (evaluated at 128x128 after letterboxing the 256x256 originals)
+    model = load_model(tmp_path / "model.safetensors")
+    data.transforms = None
+    report = evaluate_panoptic_dataset(model, data)["summary"]
+    assert report["mIoU"] > 85 and report["PQ"] > 75 and report["pixel_accuracy"] > 95, report
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo over loopback is tested on Linux")
+def test_ddp_with_two_cpu_processes(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "service.cli",
+        "train",
+        "--preset",
+        "r10-tiny-shapes",
+        "--data",
+        str(shapes),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--crop",
+        "64",
+        "--min-scale",
+        "1",
+        "--max-scale",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
