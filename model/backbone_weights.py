@@ -47,6 +47,8 @@ def _swin_key(key: str, merge_first: bool) -> str | None:
     for pattern, repl in rules:
         m = re.fullmatch(pattern, key)
         if m:
+            if not key.startswith("layers."):
+                return m.expand(repl)
             stage = int(m[1])
             merge = 2 * stage if merge_first else 2 * stage + 2
             return m.expand(repl.replace("{b}", str(2 * stage + 1)).replace("{d}", str(merge)))

@@ -7,6 +7,7 @@ Loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from model.maskformer import MaskFormer, ModelInfo, build_model
 
 FORMAT = "maskformer-serving"
 FORMAT_VERSION = "1"
+
+# Shipped checkpoints and registry.json; MASKFORMER_WEIGHTS_DIR points elsewhere (e.g. in a container).
+WEIGHTS_DIR = Path(os.environ.get("MASKFORMER_WEIGHTS_DIR", Path(__file__).resolve().parents[1] / "weights"))
 
 # Buffers every model recomputes from its config; checkpoints need not carry them.
 DERIVED_BUFFERS = ("pixel_mean", "pixel_std", "relative_position_index")
@@ -89,12 +93,24 @@ def read_metadata(path: str | Path) -> tuple[MaskFormerConfig, ModelInfo]:
     return cfg, info
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> MaskFormer:
-    """Rebuild the model a checkpoint describes, load its weights and return it in eval mode.
+def default_weights(weights_dir: Path | None = None) -> Path:
+    """The shipped default checkpoint, as weights/registry.json names it."""
+    weights_dir = weights_dir or WEIGHTS_DIR
+    registry_file = weights_dir / "registry.json"
+    if not registry_file.is_file():
+        raise FileNotFoundError(f"no {registry_file}: pass a checkpoint path, or set MASKFORMER_WEIGHTS_DIR")
+    registry = json.loads(registry_file.read_text())
+    return weights_dir / registry["models"][registry["default"]]["file"]
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> MaskFormer:
+    """Rebuild the model a checkpoint describes (default: the shipped one), load its weights and return
+    it in eval mode.
 
     The model's `info` holds the class names and thing flags, `cfg` the architecture, mean/std and
     the intended input size.
     """
+    path = default_weights() if path is None else path
     cfg, info = read_metadata(path)
     model = build_model(cfg, info)
     with safe_open(str(path), framework="pt") as f:

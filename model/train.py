@@ -206,6 +206,7 @@ def train(
     metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
     writer = _tensorboard(out) if rank == 0 else None
     last: dict = {}
+    running: dict[str, float] = {}  # summed since the last log line, so logged losses are interval means
     progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started = time.time()
     for images, targets in loader:
@@ -225,15 +226,18 @@ def train(
         progress.update()
         if not math.isfinite(losses["loss"].item()):
             raise FloatingPointError(f"loss is {losses['loss'].item()} at step {step}")
+        # final-layer terms and the total; the per-layer auxiliary terms stay out of the log
+        for k, v in losses.items():
+            if "_" not in k.removeprefix("loss_"):
+                running[k] = running.get(k, 0.0) + v.item()
+        running["grad_norm"] = running.get("grad_norm", 0.0) + float(grad_norm)
+        running["n"] = running.get("n", 0.0) + 1
 
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-            last = {k: round(v.item(), 5) for k, v in losses.items() if "_" not in k.removeprefix("loss_")}
-            last.update(
-                step=step,
-                lr=scheduler.get_last_lr()[-1],
-                grad_norm=round(float(grad_norm), 5),
-                elapsed_s=round(time.time() - started, 1),
-            )
+        if rank == 0 and (step % cfg.log_every == 0 or step == end):
+            n = running.pop("n")
+            last = {k: round(v / n, 5) for k, v in running.items()}
+            running.clear()
+            last.update(step=step, lr=scheduler.get_last_lr()[-1], elapsed_s=round(time.time() - started, 1))
             progress.set_postfix(loss=last["loss"])
             _log(metrics_file, writer, last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):

@@ -85,21 +85,30 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coco_split(root: Path, split: str) -> tuple[Path, Path, Path]:
-    """images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout `data shapes` writes)."""
-    return root / "images" / split, root / f"panoptic_{split}.json", root / f"panoptic_{split}"
+def _dataset(fmt: str, root: Path, split: str, transforms=None):
+    """coco-panoptic: images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout
+    `data shapes` writes). ade20k: the ADEChallengeData2016 folder (splits training, validation)."""
+    if fmt == "ade20k":
+        from model.data.ade20k import ADE20K
+
+        return ADE20K(root, split, transforms)
+    from model.data.coco_panoptic import CocoPanoptic
+
+    return CocoPanoptic(
+        root / "images" / split, root / f"panoptic_{split}.json", root / f"panoptic_{split}", transforms
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from model import ModelInfo, build_model, get_preset, load_model
-    from model.data.coco_panoptic import CocoPanoptic, collate
+    from model.data.coco_panoptic import collate
     from model.data.transforms import train_transforms
     from model.train import TrainConfig, train
 
     cfg = get_preset(args.preset).config
     crop = cfg.input_size if args.crop is None else (args.crop, args.crop)
-    train_set = CocoPanoptic(
-        *_coco_split(args.data, args.train_split), train_transforms(crop, args.min_scale, args.max_scale)
+    train_set = _dataset(
+        args.format, args.data, args.train_split, train_transforms(crop, args.min_scale, args.max_scale)
     )
     if args.init:
         model = load_model(args.init).train()
@@ -116,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.val_split:
         from model.evaluation import evaluate_panoptic_dataset
 
-        val_set = CocoPanoptic(*_coco_split(args.data, args.val_split))
+        val_set = _dataset(args.format, args.data, args.val_split)
 
         def evaluate(m):  # noqa: F811 - rebinds the optional callback
             return evaluate_panoptic_dataset(m, val_set, limit=args.eval_images)["summary"]
@@ -142,12 +151,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from model import load_model
-    from model.data.coco_panoptic import CocoPanoptic
     from model.evaluation import evaluate_panoptic_dataset
 
     model = load_model(args.weights)
     names = model.info.class_names if model.info else []
-    dataset = CocoPanoptic(*_coco_split(args.data, args.split))
+    dataset = _dataset(args.format, args.data, args.split)
     if dataset.class_names != names:
         raise ValueError(f"the data's classes {dataset.class_names} are not the model's {names}")
     report = evaluate_panoptic_dataset(model, dataset, limit=args.limit, batch_size=args.batch_size)
@@ -191,7 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (single process, or multi-GPU/multi-node under torchrun)")
     p.add_argument("--preset", required=True, help="architecture (see `maskformer presets`)")
-    p.add_argument("--data", type=Path, required=True, help="COCO-panoptic-format root (layout of `data shapes`)")
+    p.add_argument("--data", type=Path, required=True, help="dataset root (see --format)")
+    p.add_argument(
+        "--format",
+        choices=["coco-panoptic", "ade20k"],
+        default="coco-panoptic",
+        help="coco-panoptic: the layout `data shapes` writes; ade20k: ADEChallengeData2016",
+    )
     p.add_argument("--train-split", default="train")
     p.add_argument("--val-split", help="evaluate on this split during and after training")
     p.add_argument("--eval-images", type=int, help="evaluate on the first N validation images only")
@@ -218,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="PQ/SQ/RQ and mIoU of a checkpoint on a COCO-panoptic-format split")
     p.add_argument("--weights", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True, help="root in the layout of `data shapes`")
+    p.add_argument("--data", type=Path, required=True, help="dataset root (see --format)")
+    p.add_argument("--format", choices=["coco-panoptic", "ade20k"], default="coco-panoptic")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=8)

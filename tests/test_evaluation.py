@@ -60,3 +60,23 @@ def test_miou_hand_worked_example():
     assert math.isclose(s["mIoU"], 100 * (1 / 3 + 2 / 4) / 2)
     assert math.isclose(s["pixel_accuracy"], 60.0)
     assert cm.per_class_iou() == [pytest.approx(100 / 3), pytest.approx(50.0)]
+
+
+def test_pq_agrees_with_torchmetrics_without_crowd():
+    """torchmetrics' PanopticQuality takes (category, instance) per pixel and cannot mark crowd regions;
+    on crowd-free data (VOID included) it must give our numbers."""
+    torch = pytest.importorskip("torch")
+    tm = pytest.importorskip("torchmetrics.detection")
+
+    def encode(segment_map, segments):
+        category = {s["id"]: s["category"] for s in segments}
+        pairs = [[category.get(v, 255), v if v in category else 0] for v in segment_map.flatten().tolist()]
+        return torch.tensor(pairs).view(1, *segment_map.shape, 2)
+
+    metric = tm.PanopticQuality(things={1}, stuffs={0}, return_sq_and_rq=True, allow_unknown_preds_category=True)
+    stat = PQStat.zeros(2)
+    for gt, gts, pr, prs in list(images())[:3]:
+        stat.add_image(gt, gts, pr, prs)
+        metric.update(encode(pr, prs), encode(gt, gts))
+    s = stat.summary(ISTHING)
+    assert metric.compute().tolist() == pytest.approx([s["PQ"] / 100, s["SQ"] / 100, s["RQ"] / 100])

@@ -10,25 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from model.data.transforms import drop_empty
-
-IGNORE = 255
+from model.data.transforms import make_sample
 
 
 def rgb_to_id(png: np.ndarray) -> np.ndarray:
     png = png.astype(np.int64)
     return png[..., 0] + 256 * png[..., 1] + 256 * 256 * png[..., 2]
-
-
-def semantic_target(labels: torch.Tensor, masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[H, W] class ids from segment masks, IGNORE where no segment (VOID, crowd or padding)."""
-    sem = torch.full(size, IGNORE, dtype=torch.int64)
-    for label, mask in zip(labels.tolist(), masks):
-        sem[mask] = label
-    return sem
 
 
 class CocoPanoptic(Dataset):
@@ -71,17 +60,10 @@ class CocoPanoptic(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image, ids, segments = self.load(index)
         segments = [s for s in segments if not s.get("iscrowd", 0)]
-        labels = torch.tensor([self.contiguous[s["category_id"]] for s in segments], dtype=torch.int64)
-        masks = torch.from_numpy(
-            np.stack([ids == s["id"] for s in segments]) if segments else np.zeros((0, *ids.shape), bool)
-        )
-        img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
-        mask_tv = tv_tensors.Mask(masks)
-        if self.transforms is not None:
-            img, mask_tv = self.transforms(img, mask_tv)
-        target = drop_empty({"labels": labels, "masks": mask_tv.as_subclass(torch.Tensor).bool()})
+        labels = [self.contiguous[s["category_id"]] for s in segments]
+        x, target = make_sample(image, ids, [s["id"] for s in segments], labels, self.transforms)
         target["image_id"] = torch.tensor(self.items[index][0]["id"])
-        return img.as_subclass(torch.Tensor).float(), target
+        return x, target
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:

@@ -3,6 +3,7 @@ random short-side resize, crop (padded where the image is smaller), horizontal f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -36,7 +37,17 @@ def train_transforms(
     return v2.Compose(steps)
 
 
-def drop_empty(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove segments that augmentation cropped away entirely."""
-    keep = target["masks"].flatten(1).any(1)
-    return {"labels": target["labels"][keep], "masks": target["masks"][keep]}
+def make_sample(
+    image: np.ndarray, ids: np.ndarray, segment_ids: list[int], labels: list[int], transforms: v2.Transform | None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(RGB uint8 image, segment-id map) -> (image [3, H, W] float 0..255, {labels [N], masks [N, H, W]}),
+    augmented, without the segments augmentation cropped away."""
+    masks = np.stack([ids == i for i in segment_ids]) if segment_ids else np.zeros((0, *ids.shape), bool)
+    img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+    mask_tv = tv_tensors.Mask(torch.from_numpy(masks))
+    if transforms is not None:
+        img, mask_tv = transforms(img, mask_tv)
+    masks_t = mask_tv.as_subclass(torch.Tensor).bool()
+    keep = masks_t.flatten(1).any(1)
+    target = {"labels": torch.tensor(labels, dtype=torch.int64)[keep], "masks": masks_t[keep]}
+    return img.as_subclass(torch.Tensor).float(), target
