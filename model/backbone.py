@@ -23,7 +23,8 @@ class ResNetBackbone(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         block = tv_resnet.BasicBlock if cfg.block == "basic" else tv_resnet.Bottleneck
-        net = tv_resnet.ResNet(block, list(cfg.layers), norm_layer=FrozenBatchNorm2d)
+        norm = FrozenBatchNorm2d if cfg.norm == "frozen_bn" else nn.BatchNorm2d
+        net = tv_resnet.ResNet(block, list(cfg.layers), norm_layer=norm)
         # Keys stay torchvision's (body.conv1, body.layer1...), so ImageNet weights load as they are.
         self.body = IntermediateLayerGetter(
             net, return_layers={"layer1": "res2", "layer2": "res3", "layer3": "res4", "layer4": "res5"}

@@ -23,6 +23,9 @@ class BackboneConfig:
     # ResNet
     block: str = "bottleneck"  # "basic" (ResNet-18/34) | "bottleneck" (ResNet-50/101)
     layers: tuple[int, ...] = (3, 4, 6, 3)
+    # "frozen_bn" as in the official configs (ImageNet-initialised backbones); "bn" trains the statistics
+    # and affine terms, which a backbone trained from scratch needs
+    norm: str = "frozen_bn"
     # Swin
     embed_dim: int = 96
     depths: tuple[int, ...] = (2, 2, 6, 2)
@@ -40,6 +43,8 @@ class BackboneConfig:
             raise ValueError(f"backbone kind must be 'resnet' or 'swin', got {self.kind!r}")
         if self.kind == "resnet" and self.block not in ("basic", "bottleneck"):
             raise ValueError(f"resnet block must be 'basic' or 'bottleneck', got {self.block!r}")
+        if self.norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"resnet norm must be 'frozen_bn' or 'bn', got {self.norm!r}")
         if self.kind == "swin" and len(self.depths) != len(self.num_heads):
             raise ValueError("swin depths and num_heads must have the same length")
 
@@ -156,11 +161,12 @@ def _coco(backbone: BackboneConfig, what: str) -> Preset:
 def _tiny(num_classes: int, classes: str, size: int) -> Preset:
     """A small CPU model: ResNet-10 (one basic block per stage), 128-wide heads, 3 decoder layers, 20 queries.
 
-    No dropout: trained from scratch on small data, it converges several times faster without it.
+    Meant to be trained from scratch (no ImageNet weights here): trainable BatchNorm and no dropout,
+    which converge several times faster in that setting than the official frozen BN and dropout 0.1.
     """
     cfg = MaskFormerConfig(
         num_classes=num_classes,
-        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
+        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1), norm="bn"),
         conv_dim=128,
         mask_dim=128,
         hidden_dim=128,

@@ -96,6 +96,15 @@ def boxes_from_masks(masks: Tensor) -> list[Box]:
     return [box if nonempty else (0.0, 0.0, 0.0, 0.0) for box, nonempty in zip(boxes, rows.any(1).tolist())]
 
 
+def map_result(
+    task: str, segment_map: Tensor, labels: list[int], scores: list[float], isthing: Sequence[bool]
+) -> SegmentationResult:
+    """A result whose map holds segment ids 1..len(labels), with their areas and boxes."""
+    areas, boxes = boxes_from_map(segment_map, len(labels))
+    segments = [Segment(i + 1, c, scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(labels)]
+    return SegmentationResult(task, segments, segment_map=segment_map)
+
+
 def semantic_inference(
     logits: Tensor, masks: Tensor, isthing: Sequence[bool], max_segments: int | None = None
 ) -> SegmentationResult:
@@ -117,12 +126,7 @@ def semantic_inference(
     lut = torch.zeros(k, dtype=torch.int32, device=sem.device)
     lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=sem.device)
     segment_map = lut[labels].view(h, w)
-    areas, boxes = boxes_from_map(segment_map, len(classes))
-    scores = mean_score[classes].tolist()
-    segments = [
-        Segment(i + 1, c, scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(classes.tolist())
-    ]
-    return SegmentationResult("semantic", segments, segment_map=segment_map)
+    return map_result("semantic", segment_map, classes.tolist(), mean_score[classes].tolist(), isthing)
 
 
 def panoptic_inference(
@@ -177,11 +181,7 @@ def panoptic_inference(
         lut[i] = sid
     table = torch.tensor(lut, dtype=torch.int32, device=owner.device)
     segment_map = table[owner]
-    areas, boxes = boxes_from_map(segment_map, len(seg_labels))
-    segments = [
-        Segment(i + 1, c, seg_scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(seg_labels)
-    ]
-    return SegmentationResult("panoptic", segments, segment_map=segment_map)
+    return map_result("panoptic", segment_map, seg_labels, seg_scores, isthing)
 
 
 def instance_inference(

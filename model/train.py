@@ -188,6 +188,8 @@ def train(
         step = int(state["step"])
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", resume, step)
+    if world > 1 and device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # trainable BN (from-scratch presets) sees the global batch
     net: nn.Module = DistributedDataParallel(model) if world > 1 else model
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)

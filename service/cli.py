@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -44,6 +45,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from model.convert.hf import convert_hf
 
         model = convert_hf(args.src, name=args.name)
+    elif args.source == "maskformer":
+        from model import load_model
+
+        model = load_model(args.src)  # re-save one of ours, e.g. in float16 or under a new name
+        if args.name and model.info:
+            model.info.name = args.name
     else:
         from model.convert.detectron2 import convert_detectron2
 
@@ -130,12 +137,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         def evaluate(m):  # noqa: F811 - rebinds the optional callback
             return evaluate_panoptic_dataset(m, val_set, limit=args.eval_images)["summary"]
 
+    swin = model.cfg.backbone.kind == "swin"
     tc = TrainConfig(
         out_dir=str(args.out),
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+        lr=args.lr if args.lr is not None else (6e-5 if swin else 1e-4),
+        weight_decay=args.weight_decay if args.weight_decay is not None else (0.01 if swin else 1e-4),
         backbone_lr_mult=args.backbone_lr_mult,
         clip_grad_norm=args.clip_grad_norm,
         amp=args.amp,
@@ -159,7 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if dataset.class_names != names:
         raise ValueError(f"the data's classes {dataset.class_names} are not the model's {names}")
     report = evaluate_panoptic_dataset(model, dataset, limit=args.limit, batch_size=args.batch_size)
-    report = {"weights": str(args.weights), "data": str(args.data), "split": args.split, **report}
+    digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()
+    report = {"weights": args.weights.name, "weights_sha256": digest, "split": args.split, **report}
     report["per_class_iou"] = dict(zip(names, report["per_class_iou"]))
     s = report["summary"]
     print(f"{'':8}{'PQ':>7}{'SQ':>7}{'RQ':>7}{'N':>4}")
@@ -181,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("convert", help="convert transformers or official (detectron2) weights to a checkpoint")
-    p.add_argument("--from", dest="source", choices=["hf", "detectron2"], required=True)
-    p.add_argument("src", type=Path, help="transformers directory, or detectron2 model_final.pkl")
+    p.add_argument("--from", dest="source", choices=["hf", "detectron2", "maskformer"], required=True)
+    p.add_argument(
+        "src", type=Path, help="transformers directory, detectron2 model_final.pkl, or one of our checkpoints"
+    )
     p.add_argument("--out", type=Path, required=True, help="destination .safetensors")
     p.add_argument("--preset", help="architecture of a detectron2 checkpoint (see `maskformer presets`)")
     p.add_argument("--name", help="model name stored in the checkpoint (default: the source's name)")
@@ -216,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-weights", type=Path, help="local ImageNet weights (torchvision or timm state dict)")
     p.add_argument("--steps", type=int, default=160_000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch size")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, help="default: 1e-4, or 6e-5 for Swin (the official configs)")
+    p.add_argument("--weight-decay", type=float, help="default: 1e-4, or 0.01 for Swin")
     p.add_argument("--backbone-lr-mult", type=float, default=0.1)
     p.add_argument("--clip-grad-norm", type=float, default=0.01)
     p.add_argument("--crop", type=int, help="square training crop (default: the preset's input size)")

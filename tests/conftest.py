@@ -10,6 +10,25 @@ def _deterministic():
     torch.set_num_threads(int(os.environ.get("TEST_THREADS", "2")))
 
 
+def tiny_config(size: int = 128, dropout: float = 0.1):
+    """A small, fast model configuration for tests (ResNet-10, 64 wide, 2 decoder layers, 10 queries)."""
+    from model import BackboneConfig, MaskFormerConfig
+
+    return MaskFormerConfig(
+        num_classes=5,
+        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
+        conv_dim=64,
+        mask_dim=64,
+        hidden_dim=64,
+        num_queries=10,
+        nheads=4,
+        dim_feedforward=128,
+        dec_layers=2,
+        dropout=dropout,
+        input_size=(size, size),
+    )
+
+
 def scene(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     """A piecewise-constant RGB image batch in 0..255 (horizon plus discs), like a photo's flat regions."""
     g = torch.Generator().manual_seed(seed)

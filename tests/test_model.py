@@ -5,19 +5,9 @@ import torch
 
 from model import MaskFormerConfig, build_model, get_preset
 from model.config import resnet, swin
+from tests.conftest import tiny_config
 
-TINY = MaskFormerConfig(
-    num_classes=5,
-    backbone=resnet(18),
-    conv_dim=64,
-    mask_dim=64,
-    hidden_dim=64,
-    num_queries=10,
-    nheads=4,
-    dim_feedforward=128,
-    dec_layers=2,
-    input_size=(128, 128),
-)
+TINY = tiny_config()
 
 
 def test_forward_contract_eval():

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import BackboneConfig, MaskFormerConfig, ModelInfo, build_model, load_model
+from model import ModelInfo, build_model, load_model
 from model.data.coco_panoptic import CocoPanoptic, collate
 from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
 from model.evaluation import evaluate_panoptic_dataset
 from model.train import TrainConfig, train
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = [c["name"] for c in CATEGORIES]
@@ -39,20 +40,7 @@ def dataset(root, crop):
 
 
 def tiny_model(size, dropout=0.1):
-    cfg = MaskFormerConfig(
-        num_classes=5,
-        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
-        conv_dim=64,
-        mask_dim=64,
-        hidden_dim=64,
-        num_queries=10,
-        nheads=4,
-        dim_feedforward=128,
-        dec_layers=2,
-        dropout=dropout,
-        input_size=(size, size),
-    )
-    return build_model(cfg, ModelInfo("tiny", NAMES, ISTHING))
+    return build_model(tiny_config(size, dropout), ModelInfo("tiny", NAMES, ISTHING))
 
 
 def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
