@@ -89,3 +89,13 @@ def test_info_command(saved, capsys):
     assert cli(["info", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["info"]["class_names"][2] == "circle"
     assert cli(["info", str(path.with_name("nope.safetensors"))]) == 2
+
+
+def test_default_weights_come_from_the_registry(tmp_path, saved):
+    from model.checkpoint import default_weights
+
+    with pytest.raises(FileNotFoundError, match="registry.json"):
+        default_weights(tmp_path)
+    _, path = saved
+    (tmp_path / "registry.json").write_text(json.dumps({"default": "t", "models": {"t": {"file": path.name}}}))
+    assert default_weights(tmp_path) == path
