@@ -180,6 +180,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from export.onnx import export_onnx, parity_report, write_report
+    from model import load_model
+
+    model = load_model(args.weights)
+    size = (args.height or model.cfg.input_size[0], args.width or model.cfg.input_size[1])
+    out = export_onnx(model, args.out, size, args.max_batch, args.opset, simplify=not args.no_simplify)
+    report = parity_report(model, out, batches=tuple(sorted({1, args.max_batch})))
+    sidecar = write_report(report, out)
+    for batch, r in report.batches.items():
+        print(
+            f"batch {batch:>3}: max |diff| logits {r['max_abs_diff_pred_logits']:.2e}, "
+            f"masks {r['max_abs_diff_pred_masks']:.2e}; semantic agreement {100 * r['semantic_agreement']:.3f} %"
+        )
+    print(f"wrote {out} and {sidecar}")
+    if not report.passed:
+        print(f"FAILED: max abs diff {report.max_abs_diff:.2e} exceeds 1e-3", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -250,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint for deployment")
+    targets = p.add_subparsers(dest="target", required=True)
+    e = targets.add_parser("onnx", help="ONNX (dynamic batch, uint8 input) plus a parity report against PyTorch")
+    e.add_argument("--weights", type=Path, help="checkpoint (default: the shipped default model)")
+    e.add_argument("--out", type=Path, required=True, help="destination .onnx; the report goes to OUT.json")
+    e.add_argument("--height", type=int, help="static input height (default: the checkpoint's input size)")
+    e.add_argument("--width", type=int, help="static input width (default: the checkpoint's input size)")
+    e.add_argument("--max-batch", type=int, default=8, help="largest batch the graph is checked at")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 keeps LayerNorm one node)")
+    e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+    e.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)

@@ -10,13 +10,13 @@ def _deterministic():
     torch.set_num_threads(int(os.environ.get("TEST_THREADS", "2")))
 
 
-def tiny_config(size: int = 128, dropout: float = 0.1):
+def tiny_config(size: int = 128, dropout: float = 0.1, norm: str = "frozen_bn"):
     """A small, fast model configuration for tests (ResNet-10, 64 wide, 2 decoder layers, 10 queries)."""
     from model import BackboneConfig, MaskFormerConfig
 
     return MaskFormerConfig(
         num_classes=5,
-        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1)),
+        backbone=BackboneConfig(kind="resnet", block="basic", layers=(1, 1, 1, 1), norm=norm),
         conv_dim=64,
         mask_dim=64,
         hidden_dim=64,

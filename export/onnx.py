@@ -1,0 +1,154 @@
+"""Checkpoint -> ONNX with a dynamic batch axis, checked and compared against PyTorch.
+
+The graph input is `images`: uint8 RGB [N, 3, H, W]. uint8 moves 4x fewer bytes from host to device than
+float32; the cast and the normalisation with the checkpoint's mean/std happen inside the graph. H and W are
+static (by default the checkpoint's input size), so positional encodings and attention shapes are
+constants for TensorRT; only the batch varies. The outputs are the raw `pred_logits` [N, Q, K+1] and
+`pred_masks` [N, Q, H/4, W/4]: post-processing stays outside, so one graph serves every task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model.maskformer import MaskFormer
+from model.postprocess import postprocess
+
+log = logging.getLogger(__name__)
+
+INPUT = "images"
+OUTPUTS = ("pred_logits", "pred_masks")
+MAX_ABS_DIFF = 1e-3
+
+
+class ExportWrapper(nn.Module):
+    """uint8 images in, the two raw outputs out."""
+
+    def __init__(self, model: MaskFormer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model(images.float())
+        return out["pred_logits"], out["pred_masks"]  # type: ignore[return-value]
+
+
+@dataclass
+class ParityReport:
+    onnx_sha256: str
+    input_shape: list[int | str]
+    opset: int
+    batches: dict[str, dict[str, float]]  # batch size -> max abs diffs and semantic agreement
+    max_abs_diff: float
+    passed: bool
+
+
+def export_onnx(
+    model: MaskFormer,
+    out: str | Path,
+    size: tuple[int, int] | None = None,
+    max_batch: int = 16,
+    opset: int = 18,
+    simplify: bool = True,
+) -> Path:
+    """Write `out` (a .onnx file) with the model's metadata in the graph's metadata_props."""
+    import onnx
+
+    out = Path(out)
+    size = size or model.cfg.input_size
+    if any(s % 32 for s in size):
+        raise ValueError(f"height and width {size} must be multiples of 32")
+    model = model.eval().cpu()
+    example = torch.zeros(2, 3, *size, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    program = torch.onnx.export(
+        ExportWrapper(model).eval(),
+        (example,),
+        dynamo=True,
+        input_names=[INPUT],
+        output_names=list(OUTPUTS),
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+    )
+    assert program is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(out))
+    graph = onnx.load(str(out))
+    if simplify:
+        graph = _simplify(graph)
+    info = model.info
+    meta = {
+        "maskformer.config": json.dumps(model.cfg.to_dict()),
+        "maskformer.info": json.dumps(asdict(info)) if info else "",
+        "maskformer.input_size": json.dumps(list(size)),
+        "maskformer.input_dtype": "uint8",
+    }
+    del graph.metadata_props[:]
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.save(graph, str(out))
+    onnx.checker.check_model(str(out), full_check=True)
+    return out
+
+
+def _simplify(graph):
+    """Constant folding and graph clean-up with onnxslim when it is installed."""
+    try:
+        import onnxslim
+    except ImportError:
+        log.info("onnxslim is not installed; the graph is saved unsimplified")
+        return graph
+    return onnxslim.slim(graph)
+
+
+def parity_report(
+    model: MaskFormer, onnx_path: str | Path, batches: tuple[int, ...] = (1, 4), seed: int = 0
+) -> ParityReport:
+    """ONNX Runtime (CPU) against PyTorch on the same random uint8 images, per batch size: the max abs
+    diff of both outputs and the share of pixels whose semantic label agrees."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    shape: list[int | str] = [d.dim_param or d.dim_value for d in dims]
+    size = (int(shape[2]), int(shape[3]))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    isthing = model.info.isthing if model.info else [True] * model.cfg.num_classes
+    g = torch.Generator().manual_seed(seed)
+    results: dict[str, dict[str, float]] = {}
+    for n in batches:
+        images = torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=g)
+        with torch.no_grad():
+            ref = ExportWrapper(model.eval().cpu())(images)
+        got = session.run(list(OUTPUTS), {INPUT: images.numpy()})
+        diffs = {name: float(np.abs(o - r.numpy()).max()) for name, o, r in zip(OUTPUTS, got, ref)}
+        ours = postprocess(dict(zip(OUTPUTS, ref)), "semantic", isthing)
+        theirs = postprocess({k: torch.from_numpy(v) for k, v in zip(OUTPUTS, got)}, "semantic", isthing)
+        agree = np.mean([(a.label_map() == b.label_map()).float().mean().item() for a, b in zip(ours, theirs)])
+        results[str(n)] = {**{f"max_abs_diff_{k}": v for k, v in diffs.items()}, "semantic_agreement": float(agree)}
+    worst = max(v for r in results.values() for k, v in r.items() if k.startswith("max_abs_diff"))
+    return ParityReport(
+        onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        input_shape=shape,
+        opset=int(graph.opset_import[0].version),
+        batches=results,
+        max_abs_diff=worst,
+        passed=worst <= MAX_ABS_DIFF,
+    )
+
+
+def write_report(report: ParityReport, onnx_path: str | Path) -> Path:
+    """The JSON sidecar next to the model: `model.onnx` -> `model.onnx.json`."""
+    path = Path(str(onnx_path) + ".json")
+    path.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return path

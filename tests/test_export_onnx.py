@@ -1,0 +1,55 @@
+"""ONNX export: dynamic batch, uint8 input, metadata, and parity with PyTorch through ONNX Runtime."""
+
+import json
+
+import onnx
+
+from model import ModelInfo, build_model, get_preset, save_model
+from service.cli import main as cli
+from tests.conftest import tiny_config
+
+NAMES = ["sky", "ground", "circle", "square", "triangle"]
+
+
+def check_export(tmp_path, model, extra_args=()):
+    weights = save_model(model, tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(out), "--max-batch", "4", *extra_args]) == 0
+    graph = onnx.load(str(out))
+    (inp,) = graph.graph.input
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]][0] == 3
+    assert [o.name for o in graph.graph.output] == ["pred_logits", "pred_masks"]
+    assert any(n.op_type == "LayerNormalization" for n in graph.graph.node), "opset >= 17 keeps LayerNorm whole"
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert json.loads(meta["maskformer.info"])["class_names"] == model.info.class_names
+    report = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert report["passed"] and set(report["batches"]) == {"1", "4"}
+    for r in report["batches"].values():
+        assert r["max_abs_diff_pred_logits"] <= 1e-3 and r["max_abs_diff_pred_masks"] <= 1e-3
+        assert r["semantic_agreement"] >= 0.999
+    return graph, report
+
+
+def test_tiny_model(tmp_path):
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    check_export(tmp_path, model)
+
+
+def test_random_init_r50_preset(tmp_path):
+    preset = get_preset("r50-ade20k")
+    from model.classes import load_classes
+
+    classes = load_classes(preset.classes)
+    model = build_model(preset.config, ModelInfo("r50", list(classes.names), list(classes.isthing)))
+    graph, report = check_export(tmp_path, model, ["--height", "256", "--width", "256"])
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[2:]] == [256, 256]
+
+
+def test_bad_sizes_are_refused(tmp_path, capsys):
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    weights = save_model(model, tmp_path / "m.safetensors")
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"), "--height", "100"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
