@@ -201,6 +201,27 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_tensorrt(args: argparse.Namespace) -> int:
+    from export.tensorrt import TensorRTUnavailable, build_engine
+
+    try:
+        sidecar = build_engine(
+            args.onnx,
+            args.out,
+            args.min_batch,
+            args.opt_batch,
+            args.max_batch,
+            args.fp16,
+            args.workspace_gib,
+            args.timing_cache,
+        )
+    except TensorRTUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({sidecar.precision}, {sidecar.gpu_name}, TensorRT {sidecar.tensorrt_version})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -283,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 keeps LayerNorm one node)")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     e.set_defaults(func=cmd_export_onnx)
+    e = targets.add_parser("tensorrt", help="a TensorRT engine from the ONNX (GPU nodes with TensorRT only)")
+    e.add_argument("--onnx", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True, help="destination .engine; the sidecar goes to OUT.json")
+    e.add_argument("--min-batch", type=int, default=1)
+    e.add_argument("--opt-batch", type=int, default=4)
+    e.add_argument("--max-batch", type=int, default=8)
+    e.add_argument("--fp16", action="store_true", help="FP16 with LayerNorm, softmax and the mask product in FP32")
+    e.add_argument("--workspace-gib", type=float, default=4.0)
+    e.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
+    e.set_defaults(func=cmd_export_tensorrt)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)

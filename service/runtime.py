@@ -22,12 +22,18 @@ class Capabilities:
 
 def _version(module: str, problems: list[str]) -> str | None:
     try:
-        return str(importlib.import_module(module).__version__)
+        imported = importlib.import_module(module)
     except ImportError:
         return None
     except Exception as err:  # a broken install (e.g. torchvision against the wrong torch) is worth reporting
         problems.append(f"import {module} failed: {err}")
         return None
+    if getattr(imported, "__file__", None) is None:
+        return None  # a namespace package, e.g. type stubs (tensorrt-stubs) without the library
+    version = getattr(imported, "__version__", None)
+    if version is None:
+        problems.append(f"{module} has no __version__")
+    return str(version) if version is not None else None
 
 
 def probe() -> Capabilities:

@@ -1,0 +1,185 @@
+"""ONNX -> TensorRT engine with the TensorRT Python API, and the JSON sidecar that says what the engine
+was built for (so a cached engine is reused only on a matching node).
+
+TensorRT 10.x: FP16 through BuilderFlag.FP16, with LayerNorm, softmax and the final mask product pinned
+to FP32 (their FP16 ranges overflow). TensorRT 11 removed BuilderFlag.FP16 in favour of strongly typed
+networks, which take their precision from the ONNX itself; FP32 engines build on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type-checked against tensorrt-stubs; imported for real only where it runs
+    import tensorrt as trt
+
+log = logging.getLogger(__name__)
+
+INPUT = "images"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT (the library, not just its type stubs) is not installed."""
+
+
+def load_tensorrt() -> ModuleType:
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError as err:
+        raise TensorRTUnavailable("TensorRT is not installed; on a GPU node: pip install '.[gpu]'") from err
+    if not hasattr(trt, "Builder"):  # tensorrt-stubs alone make `import tensorrt` succeed
+        raise TensorRTUnavailable("only TensorRT's type stubs are installed, not the library")
+    return trt
+
+
+@dataclass
+class EngineSidecar:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    onnx_sha256: str
+    input_shape: list[int]  # C, H, W (the batch comes from the profile)
+    profile: dict[str, int]  # min, opt, max batch
+    precision: str  # "fp32" | "fp16"
+
+    def write(self, engine_path: str | Path) -> Path:
+        path = Path(str(engine_path) + ".json")
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, engine_path: str | Path) -> EngineSidecar:
+        return cls(**json.loads(Path(str(engine_path) + ".json").read_text()))
+
+
+def engine_matches(
+    sidecar: EngineSidecar, tensorrt_version: str, compute_capability: str, onnx_sha256: str
+) -> tuple[bool, str]:
+    """Whether an engine built as `sidecar` says can run here for this ONNX, and why not if not.
+
+    Engines are specific to the TensorRT version and the GPU architecture; the ONNX digest catches a
+    re-exported model behind an unchanged file name.
+    """
+    if sidecar.tensorrt_version != tensorrt_version:
+        return False, f"built with TensorRT {sidecar.tensorrt_version}, this node has {tensorrt_version}"
+    if sidecar.compute_capability != compute_capability:
+        return False, f"built for compute capability {sidecar.compute_capability}, this GPU is {compute_capability}"
+    if sidecar.onnx_sha256 != onnx_sha256:
+        return False, "built from a different ONNX file"
+    return True, "matches"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _keep_fp32(network: trt.INetworkDefinition) -> int:
+    """Pin LayerNorm, softmax and the last matmul (the mask product) to FP32; returns how many layers."""
+    import tensorrt as trt
+
+    matmuls = []
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
+            layer.precision = trt.float32
+            layer.set_output_type(0, trt.float32)
+            pinned += 1
+        elif layer.type == trt.LayerType.MATRIX_MULTIPLY:
+            matmuls.append(layer)
+    if matmuls:
+        matmuls[-1].precision = trt.float32
+        matmuls[-1].set_output_type(0, trt.float32)
+        pinned += 1
+    for i in range(network.num_outputs):
+        network.get_output(i).dtype = trt.float32
+    return pinned
+
+
+def build_engine(
+    onnx_path: str | Path,
+    out: str | Path,
+    min_batch: int = 1,
+    opt_batch: int = 4,
+    max_batch: int = 8,
+    fp16: bool = False,
+    workspace_gib: float = 4.0,
+    timing_cache: str | Path | None = None,
+) -> EngineSidecar:
+    """Build and write a serialized engine plus its sidecar (`out.json`)."""
+    import torch
+
+    load_tensorrt()
+    import tensorrt as trt
+
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch}) batch")
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    if fp16 and not has_fp16_flag:
+        raise ValueError(
+            f"TensorRT {trt.__version__} has no BuilderFlag.FP16: it builds strongly typed networks from an "
+            "FP16 ONNX, which `maskformer export onnx` does not produce yet; build FP32 (without --fp16)"
+        )
+    if not torch.cuda.is_available():
+        raise TensorRTUnavailable("TensorRT needs a CUDA GPU")
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT could not parse {onnx_path}:\n{errors}")
+
+    image = network.get_input(0)
+    if image.name != INPUT:
+        raise ValueError(f"expected the graph input {INPUT!r}, found {image.name!r}")
+    c, h, w = int(image.shape[1]), int(image.shape[2]), int(image.shape[3])
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(
+        INPUT, trt.Dims([min_batch, c, h, w]), trt.Dims([opt_batch, c, h, w]), trt.Dims([max_batch, c, h, w])
+    )
+    config.add_optimization_profile(profile)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        log.info("pinned %d layers to FP32", _keep_fp32(network))
+
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see its log above)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(bytes(serialized))
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    major, minor = torch.cuda.get_device_capability()
+    sidecar = EngineSidecar(
+        tensorrt_version=str(trt.__version__),
+        gpu_name=torch.cuda.get_device_name(),
+        compute_capability=f"{major}.{minor}",
+        onnx_sha256=sha256(onnx_path),
+        input_shape=[c, h, w],
+        profile={"min": min_batch, "opt": opt_batch, "max": max_batch},
+        precision="fp16" if fp16 else "fp32",
+    )
+    sidecar.write(out)
+    return sidecar
