@@ -112,18 +112,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.data.transforms import train_transforms
     from model.train import TrainConfig, train
 
-    cfg = get_preset(args.preset).config
-    crop = cfg.input_size if args.crop is None else (args.crop, args.crop)
-    train_set = _dataset(
-        args.format, args.data, args.train_split, train_transforms(crop, args.min_scale, args.max_scale)
-    )
+    if not (args.preset or args.init):
+        raise ValueError("train needs --preset (a new model) or --init (a checkpoint to start from)")
+    train_set = _dataset(args.format, args.data, args.train_split)
     if args.init:
         model = load_model(args.init).train()
     else:
         info = ModelInfo(name=args.name or args.preset, class_names=train_set.class_names, isthing=train_set.isthing)
-        model = build_model(cfg, info)
-    if len(train_set.class_names) != model.cfg.num_classes:
-        raise ValueError(f"the data has {len(train_set.class_names)} classes, the model {model.cfg.num_classes}")
+        model = build_model(get_preset(args.preset).config, info)
+    names = model.info.class_names if model.info else []
+    if train_set.class_names != names:
+        raise ValueError(f"the data's classes {train_set.class_names} are not the model's {names}")
+    crop = model.cfg.input_size if args.crop is None else (args.crop, args.crop)
+    train_set.transforms = train_transforms(crop, args.min_scale, args.max_scale)
     if args.backbone_weights:
         from model.backbone_weights import load_backbone_weights
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("train", help="train a model (single process, or multi-GPU/multi-node under torchrun)")
-    p.add_argument("--preset", required=True, help="architecture (see `maskformer presets`)")
+    p.add_argument("--preset", help="architecture of a new model (see `maskformer presets`); or --init")
     p.add_argument("--data", type=Path, required=True, help="dataset root (see --format)")
     p.add_argument(
         "--format",

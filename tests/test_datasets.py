@@ -98,6 +98,12 @@ def test_data_train_eval_commands(tmp_path, capsys):
     )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["step"] == 2 and "PQ" in last and "mIoU" in last
+    # continue from the checkpoint; without --preset or --init there is nothing to train
+    more = ["--data", str(data), "--steps", "1", "--batch-size", "2", "--workers", "0", "--crop", "64"]
+    assert cli(["train", "--init", str(out / "model.safetensors"), "--out", str(tmp_path / "more"), *more]) == 0
+    assert (tmp_path / "more" / "model.safetensors").is_file()
+    assert cli(["train", "--out", str(tmp_path / "none"), *more]) == 2
+    capsys.readouterr()
     report = tmp_path / "report.json"
     assert cli(["eval", "--weights", str(out / "model.safetensors"), "--data", str(data), "--out", str(report)]) == 0
     r = json.loads(report.read_text())
