@@ -223,6 +223,20 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+    from service.settings import ServeSettings
+
+    settings = ServeSettings(
+        _cli_parse_args=args.settings,
+        _cli_prog_name="maskformer serve",
+        _cli_kebab_case=True,
+        _cli_implicit_flags=True,
+    )  # type: ignore[call-arg]
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -316,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
     e.set_defaults(func=cmd_export_tensorrt)
 
+    p = sub.add_parser(
+        "serve", add_help=False, help="serve POST /segment over HTTP (flags or MASKFORMER_* env; serve --help)"
+    )
+    p.add_argument("settings", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)
     p.set_defaults(func=cmd_info)
@@ -327,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # pydantic-settings parses serve's flags (argparse would eat --help)
+        return cmd_serve(argparse.Namespace(settings=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:

@@ -1,0 +1,283 @@
+"""The HTTP API: POST /segment and /segment/batch, probes, metrics and model information."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib import metadata
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import errors
+from service.decode import MEDIA_TYPES, check_media_type
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.pipeline import Options, Pipeline
+from service.runtime import probe
+from service.settings import ServeSettings, Task
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/healthz", "/readyz"}  # probes never need the API key
+IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
+        },
+        **{m: {"schema": {"type": "string", "format": "binary"}} for m in MEDIA_TYPES},
+    },
+}
+
+
+class FastJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(err: ApiError) -> FastJSON:
+    return FastJSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+class Guard:
+    """Pure ASGI middleware: the optional API key, and request counts and latency per endpoint."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, endpoints: Callable[[], set[str]]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in self.endpoints() else "other"
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected and path not in OPEN_PATHS:
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not hmac.compare_digest(given, self.expected):
+                    return await error_response(errors.unauthorized())(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise errors.body_too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise errors.body_too_large(limit)
+    return bytes(body)
+
+
+async def read_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
+    """The image(s) of a request: multipart field(s) `image`, or the raw body with an image/* type."""
+    body = await read_body(request, settings.max_body_bytes)
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        replayed = False
+
+        async def replay() -> Message:  # hand the already-read body to Starlette's form parser
+            nonlocal replayed
+            if replayed:
+                return await request.receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=settings.max_batch_images + 1)
+        except Exception as err:
+            raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed: {err}") from None
+        fields = form.getlist("image")
+        images = [await f.read() if hasattr(f, "read") else str(f).encode() for f in fields]
+        await form.close()
+        if not images:
+            raise errors.missing_image()
+    elif not body and not content_type:
+        raise errors.missing_image()
+    else:
+        check_media_type(content_type)
+        images = [body]
+    if not many and len(images) > 1:
+        raise errors.invalid_parameter("POST /segment takes one image; use /segment/batch for several")
+    if len(images) > settings.max_batch_images:
+        raise errors.invalid_parameter(f"{len(images)} images exceed the limit of {settings.max_batch_images}")
+    return images
+
+
+async def until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+    metrics = Metrics(settings.max_batch_size)
+    pipeline = Pipeline(settings, metrics)
+    state: dict[str, Any] = {"ready": False, "draining": False, "load_error": None}
+
+    async def load() -> None:
+        try:
+            await asyncio.to_thread(pipeline.load)
+        except Exception as err:
+            log.exception("the backend failed to load")
+            state["load_error"] = f"{type(err).__name__}: {err}"
+            if on_load_error:
+                on_load_error(err)
+            return
+        pipeline.start()
+        state["ready"] = True
+        metrics.ready.set(1)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load())
+        yield
+        state["draining"] = True
+        metrics.ready.set(0)
+        loading.cancel()
+        await pipeline.drain()
+
+    app = FastAPI(
+        title="MaskFormer",
+        version=metadata.version("maskformer-serving"),
+        description="Semantic, panoptic and instance segmentation with MaskFormer; masks as COCO RLE.",
+        lifespan=lifespan,
+        default_response_class=FastJSON,
+    )
+    app.state.pipeline, app.state.status = pipeline, state
+    app.add_middleware(
+        Guard,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        metrics=metrics,
+        endpoints=lambda: {getattr(r, "path", "") for r in app.routes},
+    )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> Response:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> Response:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in err.errors())
+        return error_response(errors.invalid_parameter(detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> Response:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("unhandled error (error id %s)", error_id, exc_info=err)
+        return error_response(ApiError(500, "internal", f"internal error; the server log has error id {error_id}"))
+
+    def options(task: Task | None, threshold: float | None, overlap: float | None, max_segments: int | None) -> Options:
+        return Options(
+            task or settings.default_task,
+            settings.threshold if threshold is None else threshold,
+            settings.overlap_threshold if overlap is None else overlap,
+            max_segments,
+        )
+
+    async def serve_images(request: Request, opts: Options, many: bool) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + settings.request_timeout_s
+        if state["draining"] or not state["ready"]:
+            raise errors.not_ready("the server is draining" if state["draining"] else "the model is still loading")
+        images = await read_images(request, settings, many)
+        work = asyncio.gather(*(pipeline.segment(data, opts, deadline) for data in images))
+        gone = asyncio.create_task(until_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():  # the client disconnected: drop its queued images
+            work.cancel()
+            raise ApiError(499, "client_closed", "the client closed the connection")
+        return work.result()
+
+    thresholds = {
+        "threshold": Query(None, ge=0, le=1, description="panoptic object-mask / instance score threshold"),
+        "overlap_threshold": Query(None, ge=0, le=1, description="panoptic: minimum kept fraction of a mask"),
+        "max_segments": Query(None, ge=1, le=10_000),
+    }
+
+    @app.post("/segment", openapi_extra={"requestBody": IMAGE_BODY})
+    async def segment(
+        request: Request,
+        task: Task | None = Query(None, description="default: the server's default_task"),
+        threshold: float | None = thresholds["threshold"],
+        overlap_threshold: float | None = thresholds["overlap_threshold"],
+        max_segments: int | None = thresholds["max_segments"],
+    ) -> Response:
+        opts = options(task, threshold, overlap_threshold, max_segments)
+        return FastJSON((await serve_images(request, opts, many=False))[0])
+
+    @app.post("/segment/batch", openapi_extra={"requestBody": IMAGE_BODY})
+    async def segment_batch(
+        request: Request,
+        task: Task | None = Query(None, description="default: the server's default_task"),
+        threshold: float | None = thresholds["threshold"],
+        overlap_threshold: float | None = thresholds["overlap_threshold"],
+        max_segments: int | None = thresholds["max_segments"],
+    ) -> Response:
+        opts = options(task, threshold, overlap_threshold, max_segments)
+        return FastJSON({"results": await serve_images(request, opts, many=True)})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state["ready"] and not state["draining"]:
+            return FastJSON({"status": "ready", "warm_batch_sizes": pipeline.warm_batch_sizes})
+        reason = "draining" if state["draining"] else state["load_error"] or "loading"
+        return FastJSON({"status": "not ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        caps = probe()
+        info, cfg, backend = pipeline.info, pipeline.cfg, pipeline.backend
+        return {
+            "name": info.name,
+            "version": info.version,
+            "classes": [
+                {"id": i, "name": n, "isthing": t} for i, (n, t) in enumerate(zip(info.class_names, info.isthing))
+            ],
+            "input_size": list(cfg.input_size),
+            **(backend.describe() if backend else {"backend": None}),
+            "max_batch_size": settings.max_batch_size,
+            "default_task": settings.default_task,
+            "versions": {
+                "maskformer": metadata.version("maskformer-serving"),
+                "python": caps.python,
+                "torch": caps.torch,
+                "onnxruntime": caps.onnxruntime,
+                "tensorrt": caps.tensorrt,
+            },
+        }
+
+    return app

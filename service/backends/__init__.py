@@ -1,0 +1,56 @@
+"""Backend selection: `auto` takes TensorRT on a GPU with TensorRT, else ONNX Runtime, else torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from model.config import MaskFormerConfig
+from service.backends.base import Backend
+from service.runtime import choose_backend, probe
+from service.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Backend", "create_backend"]
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA GPU is visible")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig) -> Backend:
+    device = resolve_device(settings.device)
+    name = settings.backend
+    if name == "auto":
+        name, why = choose_backend(probe())
+        log.info("backend auto -> %s: %s", name, why)
+    if settings.threads and device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    if name == "torch":
+        from model.checkpoint import load_model
+        from service.backends.torch_backend import TorchBackend
+
+        model = load_model(weights)
+        return TorchBackend(model, device, settings.precision, settings.max_batch_size, settings.torch_compile)
+    from service.backends.ort_backend import cached_onnx
+
+    onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size)
+    if name == "onnxruntime":
+        from service.backends.ort_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            onnx_path, device, settings.precision, settings.max_batch_size, settings.cache_dir, settings.threads
+        )
+    if name == "tensorrt":
+        from service.backends.trt_backend import TensorRTBackend, cached_engine
+
+        engine = cached_engine(onnx_path, settings.cache_dir, settings.precision, settings.max_batch_size)
+        return TensorRTBackend(engine, device, settings.precision, settings.max_batch_size)
+    raise RuntimeError(f"no usable backend: {name}")

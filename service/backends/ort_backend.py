@@ -1,0 +1,92 @@
+"""ONNX Runtime: the CPU provider, or the CUDA / TensorRT execution providers on a GPU.
+
+The ONNX file is exported from the checkpoint on first start and cached under the checkpoint's digest,
+so later starts (and other replicas sharing the cache) skip the export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from export.tensorrt import sha256
+from service.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> Path:
+    """The exported ONNX for this checkpoint and input size, exporting it if it is not cached yet."""
+    from export.onnx import export_onnx
+    from model.checkpoint import load_model
+
+    path = cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}.onnx"
+    if path.is_file():
+        return path
+    log.info("exporting %s to %s (first start; cached for the next)", weights, path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    export_onnx(load_model(weights), tmp, input_size, max_batch=64)
+    tmp.replace(path)  # atomic: a concurrent replica never reads half a file
+    return path
+
+
+def providers(device: torch.device, precision: str, cache_dir: Path) -> list[str | tuple[str, dict[str, str]]]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen: list[str | tuple[str, dict[str, str]]] = []
+    if device.type == "cuda":
+        if "TensorrtExecutionProvider" in available:
+            trt_options = {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(cache_dir / "ort-trt"),
+                "trt_timing_cache_enable": "True",
+                "trt_fp16_enable": str(precision == "fp16"),
+            }
+            chosen.append(("TensorrtExecutionProvider", trt_options))
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {"device_id": str(device.index or 0)}))
+        if not chosen:
+            raise RuntimeError(f"ONNX Runtime has no GPU provider here (available: {', '.join(available)})")
+    elif precision != "fp32":
+        raise ValueError(f"{precision} needs a GPU provider; use fp32 on the CPU")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: Path,
+        device: torch.device,
+        precision: str,
+        max_batch_size: int,
+        cache_dir: Path,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(onnx_path), options, providers=providers(device, precision, cache_dir)
+        )
+        self.onnx_path = onnx_path
+
+    def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        logits, masks = self.session.run(None, {"images": np.ascontiguousarray(images.numpy())})
+        return torch.from_numpy(logits).to(self.device), torch.from_numpy(masks).to(self.device)
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "providers": self.session.get_providers(), "onnx": self.onnx_path.name}

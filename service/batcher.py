@@ -1,0 +1,132 @@
+"""A dynamic batcher with Triton's semantics.
+
+- A batch runs as soon as `max_batch_size` requests wait, or when the oldest waiting request has waited
+  `max_queue_delay` (a partial batch).
+- Past `max_queue_size` waiting requests, `submit` refuses at once (the caller answers 503).
+- A request whose future was cancelled (timeout, client gone) is dropped when its batch is formed; the
+  rest of the batch is unaffected.
+- One batch runs at a time, in a worker thread, so the event loop keeps accepting and decoding requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    payload: Any
+    future: asyncio.Future[Any]
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # when its batch began to run
+
+
+# Runs one batch in the worker thread: a result (or an exception) per payload, in order.
+BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: BatchFn,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.on_batch = on_batch
+        self.queue: deque[Job] = deque()
+        self.running = 0  # jobs in the batch being run
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._task: asyncio.Task[None] | None = None
+
+    def depth(self) -> int:
+        return sum(1 for job in self.queue if not job.future.done())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    def submit(self, payload: Any) -> Job:
+        if len(self.queue) >= self.max_queue_size:
+            self._prune()
+        if len(self.queue) >= self.max_queue_size:
+            raise QueueFull
+        job = Job(payload, asyncio.get_running_loop().create_future())
+        self.queue.append(job)
+        self._wakeup.set()
+        return job
+
+    def _prune(self) -> None:
+        self.queue = deque(job for job in self.queue if not job.future.done())
+
+    async def _next_batch(self) -> list[Job]:
+        while True:
+            self._prune()
+            if not self.queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            deadline = self.queue[0].enqueued + self.max_queue_delay_s
+            while len(self.queue) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+                self._prune()
+            batch: list[Job] = []
+            while self.queue and len(batch) < self.max_batch_size:
+                job = self.queue.popleft()
+                if not job.future.done():
+                    batch.append(job)
+            if batch:
+                return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            self.running = len(batch)
+            now = time.monotonic()
+            for job in batch:
+                job.started = now
+            if self.on_batch:
+                self.on_batch(len(batch))
+            try:
+                results: Sequence[Any] = await loop.run_in_executor(
+                    self._executor, self.run_batch, [job.payload for job in batch]
+                )
+            except Exception as err:  # the whole batch failed; the next one still runs
+                results = [err] * len(batch)
+            self.running = 0
+            for job, result in zip(batch, results):
+                if job.future.done():
+                    continue  # cancelled while running
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    async def drain(self) -> None:
+        """Wait until every queued and running job is answered, then stop."""
+        while self.queue or self.running:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        if self._task:
+            self._task.cancel()
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,82 @@
+"""Bytes -> an upright RGB image -> the model's uint8 input. Runs in a worker thread, off the event loop."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.preprocess import letterbox
+from service import errors
+
+# Pillow format name -> the media type clients send it as.
+FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
+MEDIA_TYPES = sorted(set(FORMATS.values()) | {"image/jpg"})
+
+# Our own pixel limit is checked from the header; Pillow's bomb check would fire first with its own error.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass
+class Decoded:
+    input: torch.Tensor  # [3, H, W] uint8, letterboxed to the model's input size
+    image_size: tuple[int, int]  # (h, w) of the picture inside the input
+    orig_size: tuple[int, int]  # (h, w) of the upright original
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Raw bodies must say which image type they are."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media not in MEDIA_TYPES:
+        raise errors.unsupported_format(media or "a body without Content-Type", MEDIA_TYPES)
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """[H, W, 3] uint8 of any mode: 16-bit and float images are scaled to 8 bits, alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette with transparency converts cleanly only through RGBA
+    return np.asarray(img.convert("RGB"))
+
+
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode an allowed format, refusing oversized images from their header, and apply EXIF orientation."""
+    if not data:
+        raise errors.empty_body()
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except UnidentifiedImageError:
+        raise errors.bad_image("unknown format or corrupt header") from None
+    except Exception as err:
+        raise errors.bad_image(str(err)) from None
+    if img.format not in FORMATS:
+        raise errors.unsupported_format(str(img.format), sorted(FORMATS))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise errors.too_many_pixels(w, h, max_pixels)
+    if w < 1 or h < 1:
+        raise errors.bad_image(f"size {w}x{h}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. corrupt EXIF; the pixels still decode
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        raise errors.bad_image(str(err)) from None
+
+
+def prepare(rgb: np.ndarray, input_size: tuple[int, int], fill: tuple[float, float, float]) -> Decoded:
+    """Letterbox to the model's input size as uint8, the graph's input type; `fill` is the model's mean."""
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float()
+    boxed, inner = letterbox(image, input_size, fill)
+    return Decoded(boxed.round_().clamp_(0, 255).to(torch.uint8), inner, (rgb.shape[0], rgb.shape[1]))

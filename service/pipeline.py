@@ -1,0 +1,164 @@
+"""The request path, in order: decode -> letterbox -> dynamic batcher -> backend -> post-process -> encode.
+
+HTTP lives in service/app.py; this module knows nothing of it beyond raising ApiErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import default_weights, read_metadata
+from model.postprocess import postprocess
+from service import errors
+from service.backends import Backend, create_backend
+from service.batcher import Batcher, QueueFull
+from service.decode import Decoded, decode, prepare
+from service.encode import encode_result
+from service.metrics import Metrics
+from service.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    task: str
+    threshold: float | None
+    overlap_threshold: float
+    max_segments: int | None
+
+
+@dataclass
+class Work:
+    image: Decoded
+    options: Options
+
+
+class Pipeline:
+    def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.weights = Path(settings.weights) if settings.weights else default_weights()
+        self.cfg, self.info = read_metadata(self.weights)  # fails fast on a bad checkpoint
+        self.backend: Backend | None = None
+        self.warm_batch_sizes: list[int] = []
+        self.batcher: Batcher | None = None
+
+    # -- start-up ------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Create the backend and run every batch size once (blocking; call from a thread)."""
+        start = time.perf_counter()
+        backend = create_backend(self.settings, self.weights, self.cfg)
+        if self.settings.warmup:
+            self.warm_batch_sizes = backend.warmup(self.cfg.input_size)
+        self.backend = backend
+        log.info(
+            "%s ready on %s (%s) in %.1f s, warm at batch sizes %s",
+            self.info.name, backend.device, backend.name, time.perf_counter() - start, self.warm_batch_sizes,
+        )
+
+    def start(self) -> None:
+        """Start the batcher on the running event loop."""
+        s = self.settings
+        self.batcher = Batcher(
+            self.run_batch, s.max_batch_size, s.max_queue_delay_ms / 1000, s.max_queue_size,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        self.batcher.start()
+
+    # -- the worker thread -----------------------------------------------------------------------------------
+
+    def run_batch(self, batch: Sequence[Work]) -> list[Any]:
+        """One forward pass for the batch (tasks may differ), then each image's post-processing on the device."""
+        assert self.backend is not None
+        images = torch.stack([w.image.input for w in batch])
+        t0 = time.perf_counter()
+        try:
+            logits, masks = self.backend.infer(images)
+        except Exception as err:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("inference failed for a batch of %d (error id %s)", len(batch), error_id)
+            return [errors.inference_failed(error_id)] * len(batch)
+        infer_s = time.perf_counter() - t0
+        out: list[Any] = []
+        for i, w in enumerate(batch):
+            t1 = time.perf_counter()
+            o = w.options
+            try:
+                result = postprocess(
+                    {"pred_logits": logits[i : i + 1], "pred_masks": masks[i : i + 1]},
+                    o.task, self.info.isthing, [w.image.image_size], [w.image.orig_size],
+                    o.threshold, o.overlap_threshold, o.max_segments,
+                )[0]
+            except Exception:
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("post-processing failed (error id %s)", error_id)
+                out.append(errors.inference_failed(error_id))
+                continue
+            out.append((result, infer_s, time.perf_counter() - t1))
+        return out
+
+    # -- one request -----------------------------------------------------------------------------------------
+
+    async def segment(self, data: bytes, options: Options, deadline: float) -> dict[str, Any]:
+        """The whole path for one image; raises ApiError on bad input, overload, timeout or failure."""
+        if self.batcher is None or self.backend is None:
+            raise errors.not_ready("the model is still loading")
+        t0 = time.perf_counter()
+        image = await asyncio.to_thread(self._decode, data)
+        t_decode = time.perf_counter() - t0
+        try:
+            job = self.batcher.submit(Work(image, options))
+        except QueueFull:
+            raise errors.queue_full(retry_after_s=1) from None
+        self.metrics.queue_depth.set(self.batcher.depth())
+        try:
+            result, infer_s, post_s = await asyncio.wait_for(asyncio.shield(job.future), deadline - time.monotonic())
+        except TimeoutError:
+            job.future.cancel()  # the batcher drops it if it has not run yet
+            raise errors.timeout(self.settings.request_timeout_s) from None
+        except asyncio.CancelledError:
+            job.future.cancel()  # the client went away
+            raise
+        finally:
+            self.metrics.queue_depth.set(self.batcher.depth())
+        queue_s = job.started - job.enqueued
+        t1 = time.perf_counter()
+        segments = await asyncio.to_thread(encode_result, result, self.info.class_names)
+        encode_s = time.perf_counter() - t1
+        for stage, seconds in (
+            ("decode", t_decode), ("queue", queue_s), ("infer", infer_s), ("postprocess", post_s), ("encode", encode_s)
+        ):
+            self.metrics.stage.labels(stage).observe(seconds)
+        h, w = image.orig_size
+        return {
+            "task": options.task,
+            "width": w,
+            "height": h,
+            "model": {"name": self.info.name, "version": self.info.version},
+            "segments": segments,
+            "timing_ms": {
+                "decode": round(1000 * t_decode, 3),
+                "queue": round(1000 * queue_s, 3),
+                "infer": round(1000 * infer_s, 3),
+                "postprocess": round(1000 * post_s, 3),
+                "encode": round(1000 * encode_s, 3),
+            },
+        }
+
+    def _decode(self, data: bytes) -> Decoded:
+        return prepare(decode(data, self.settings.max_image_pixels), self.cfg.input_size, self.cfg.pixel_mean)
+
+    async def drain(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.drain()

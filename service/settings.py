@@ -1,0 +1,51 @@
+"""Every `maskformer serve` setting, from flags or MASKFORMER_* environment variables (pydantic-settings).
+
+A flag wins over the environment, which wins over the default. README.md lists these settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Task = Literal["semantic", "panoptic", "instance"]
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MASKFORMER_", extra="forbid")
+
+    weights: Path | None = Field(None, description="checkpoint (.safetensors); default: the shipped model")
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = Field(
+        "auto", description="auto: TensorRT on a GPU with TensorRT, else ONNX Runtime, else torch"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16/bf16 on GPU backends only")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "maskformer", description="where exported ONNX files and engines are cached"
+    )
+    max_batch_size: int = Field(8, ge=1, le=256, description="largest batch one forward pass runs")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, description="how long a partial batch waits for more requests before it runs"
+    )
+    max_queue_size: int = Field(64, ge=1, description="queued images beyond this are refused with 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger bodies get 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images get 413, checked before decoding")
+    max_batch_images: int = Field(32, ge=1, description="most images one /segment/batch request may carry")
+    default_task: Task = "panoptic"
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="default score threshold (panoptic 0.8, instance 0.0 when unset)"
+    )
+    overlap_threshold: float = Field(0.8, ge=0, le=1)
+    api_key: SecretStr | None = Field(
+        None, description="when set, every endpoint but /healthz and /readyz needs `Authorization: Bearer KEY`"
+    )
+    threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: the library's)")
+    torch_compile: bool = Field(False, description="torch backend: torch.compile the model")
+    warmup: bool = Field(True, description="run every batch size once before reporting ready")
+    log_level: str = "info"
