@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import metadata
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
 from fastapi import FastAPI, Query, Request
@@ -39,6 +39,14 @@ IMAGE_BODY = {
         **{m: {"schema": {"type": "string", "format": "binary"}} for m in MEDIA_TYPES},
     },
 }
+
+
+TaskParam = Annotated[Task | None, Query(description="default: the server's default_task")]
+ThresholdParam = Annotated[
+    float | None, Query(ge=0, le=1, description="panoptic object-mask threshold, or instance score threshold")
+]
+OverlapParam = Annotated[float | None, Query(ge=0, le=1, description="panoptic: least kept fraction of a mask")]
+MaxSegmentsParam = Annotated[int | None, Query(ge=1, le=10_000)]
 
 
 class FastJSON(JSONResponse):
@@ -214,19 +222,13 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             raise ApiError(499, "client_closed", "the client closed the connection")
         return work.result()
 
-    thresholds = {
-        "threshold": Query(None, ge=0, le=1, description="panoptic object-mask / instance score threshold"),
-        "overlap_threshold": Query(None, ge=0, le=1, description="panoptic: minimum kept fraction of a mask"),
-        "max_segments": Query(None, ge=1, le=10_000),
-    }
-
     @app.post("/segment", openapi_extra={"requestBody": IMAGE_BODY})
     async def segment(
         request: Request,
-        task: Task | None = Query(None, description="default: the server's default_task"),
-        threshold: float | None = thresholds["threshold"],
-        overlap_threshold: float | None = thresholds["overlap_threshold"],
-        max_segments: int | None = thresholds["max_segments"],
+        task: TaskParam = None,
+        threshold: ThresholdParam = None,
+        overlap_threshold: OverlapParam = None,
+        max_segments: MaxSegmentsParam = None,
     ) -> Response:
         opts = options(task, threshold, overlap_threshold, max_segments)
         return FastJSON((await serve_images(request, opts, many=False))[0])
@@ -234,10 +236,10 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
     @app.post("/segment/batch", openapi_extra={"requestBody": IMAGE_BODY})
     async def segment_batch(
         request: Request,
-        task: Task | None = Query(None, description="default: the server's default_task"),
-        threshold: float | None = thresholds["threshold"],
-        overlap_threshold: float | None = thresholds["overlap_threshold"],
-        max_segments: int | None = thresholds["max_segments"],
+        task: TaskParam = None,
+        threshold: ThresholdParam = None,
+        overlap_threshold: OverlapParam = None,
+        max_segments: MaxSegmentsParam = None,
     ) -> Response:
         opts = options(task, threshold, overlap_threshold, max_segments)
         return FastJSON({"results": await serve_images(request, opts, many=True)})

@@ -45,7 +45,7 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # a palette with transparency converts cleanly only through RGBA
-    return np.asarray(img.convert("RGB"))
+    return np.array(img.convert("RGB"))  # a writable copy, as torch wants
 
 
 def decode(data: bytes, max_pixels: int) -> np.ndarray:

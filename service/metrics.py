@@ -11,7 +11,10 @@ class Metrics:
     def __init__(self, max_batch_size: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "maskformer_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=self.registry
+            "maskformer_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "maskformer_request_latency_seconds",

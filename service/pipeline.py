@@ -64,14 +64,21 @@ class Pipeline:
         self.backend = backend
         log.info(
             "%s ready on %s (%s) in %.1f s, warm at batch sizes %s",
-            self.info.name, backend.device, backend.name, time.perf_counter() - start, self.warm_batch_sizes,
+            self.info.name,
+            backend.device,
+            backend.name,
+            time.perf_counter() - start,
+            self.warm_batch_sizes,
         )
 
     def start(self) -> None:
         """Start the batcher on the running event loop."""
         s = self.settings
         self.batcher = Batcher(
-            self.run_batch, s.max_batch_size, s.max_queue_delay_ms / 1000, s.max_queue_size,
+            self.run_batch,
+            s.max_batch_size,
+            s.max_queue_delay_ms / 1000,
+            s.max_queue_size,
             on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()
@@ -85,7 +92,7 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             logits, masks = self.backend.infer(images)
-        except Exception as err:
+        except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("inference failed for a batch of %d (error id %s)", len(batch), error_id)
             return [errors.inference_failed(error_id)] * len(batch)
@@ -97,8 +104,13 @@ class Pipeline:
             try:
                 result = postprocess(
                     {"pred_logits": logits[i : i + 1], "pred_masks": masks[i : i + 1]},
-                    o.task, self.info.isthing, [w.image.image_size], [w.image.orig_size],
-                    o.threshold, o.overlap_threshold, o.max_segments,
+                    o.task,
+                    self.info.isthing,
+                    [w.image.image_size],
+                    [w.image.orig_size],
+                    o.threshold,
+                    o.overlap_threshold,
+                    o.max_segments,
                 )[0]
             except Exception:
                 error_id = uuid.uuid4().hex[:12]
@@ -137,7 +149,11 @@ class Pipeline:
         segments = await asyncio.to_thread(encode_result, result, self.info.class_names)
         encode_s = time.perf_counter() - t1
         for stage, seconds in (
-            ("decode", t_decode), ("queue", queue_s), ("infer", infer_s), ("postprocess", post_s), ("encode", encode_s)
+            ("decode", t_decode),
+            ("queue", queue_s),
+            ("infer", infer_s),
+            ("postprocess", post_s),
+            ("encode", encode_s),
         ):
             self.metrics.stage.labels(stage).observe(seconds)
         h, w = image.orig_size

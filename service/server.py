@@ -37,7 +37,11 @@ def serve(settings: ServeSettings) -> None:
 
     app = create_app(settings, on_load_error=exit_on_load_error)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
         timeout_graceful_shutdown=settings.request_timeout_s + 5,
     )
     server = DrainingServer(config)

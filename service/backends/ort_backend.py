@@ -79,9 +79,7 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=providers(device, precision, cache_dir)
-        )
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers(device, precision, cache_dir))
         self.onnx_path = onnx_path
 
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:

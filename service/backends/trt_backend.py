@@ -34,7 +34,12 @@ def cached_engine(onnx_path: Path, cache_dir: Path, precision: str, max_batch_si
         log.warning("cached engine %s does not fit (%s); rebuilding", engine, why)
     log.info("building a TensorRT engine at %s (minutes; cached for the next start)", engine)
     build_engine(
-        onnx_path, engine, 1, max(1, max_batch_size // 2), max_batch_size, precision == "fp16",
+        onnx_path,
+        engine,
+        1,
+        max(1, max_batch_size // 2),
+        max_batch_size,
+        precision == "fp16",
         timing_cache=cache_dir / "timing.cache",
     )
     return engine
