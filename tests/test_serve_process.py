@@ -1,0 +1,106 @@
+"""`maskformer serve` as a real process: drain on SIGTERM with requests in flight, and start-up failures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from model.checkpoint import save_model
+from model.maskformer import ModelInfo, build_model
+from tests.conftest import tiny_config
+from tests.images import encode, rgb
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], tmp_path) -> tuple[subprocess.Popen, str, object]:
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w+")
+    env = {**os.environ, "MASKFORMER_CACHE_DIR": str(tmp_path / "cache"), "MASKFORMER_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited during start-up"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("not ready")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    names, things = ["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True]
+    save_model(build_model(tiny_config(128), ModelInfo("tiny", names, things)), path)
+    return path
+
+
+def test_sigterm_drains_queued_and_in_flight_requests(weights, tmp_path):
+    # A long queue delay keeps the requests waiting in the batcher when SIGTERM arrives.
+    args = ["--weights", str(weights), "--backend", "torch", "--max-batch-size", "8", "--max-queue-delay-ms", "2000"]
+    proc, url, log = start(args, tmp_path)
+    try:
+        wait_ready(proc, url)
+        image = encode(rgb(80, 100), "PNG")
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(httpx.post, f"{url}/segment", files={"image": ("x.png", image)}, timeout=30)
+                for _ in range(4)
+            ]
+            time.sleep(0.7)  # all four are queued now
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.TransportError):  # intake has stopped
+                httpx.get(f"{url}/healthz", timeout=2)
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200] * 4
+        assert all(r.json()["width"] == 100 for r in responses)
+        # After draining, uvicorn re-raises the signal, so the exit status is the conventional 128+15.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    assert "draining (readiness is now 503)" in log.read()
+
+
+def test_a_checkpoint_that_cannot_load_exits_with_its_reason(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc, _, log = start(["--weights", str(bad)], tmp_path)
+    assert proc.wait(timeout=60) != 0
+    log.seek(0)
+    assert "only .safetensors checkpoints are loaded (nothing is unpickled)" in log.read()
+
+
+def test_serve_rejects_unknown_settings(tmp_path):
+    proc, _, log = start(["--max-batch-size", "0"], tmp_path)
+    assert proc.wait(timeout=60) != 0
+    log.seek(0)
+    assert "max_batch_size" in log.read()
