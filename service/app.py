@@ -211,10 +211,10 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         if state["draining"] or not state["ready"]:
             raise errors.not_ready("the server is draining" if state["draining"] else "the model is still loading")
         images = await read_images(request, settings, many)
-        work = asyncio.gather(*(pipeline.segment(data, opts, deadline) for data in images))
-        gone = asyncio.create_task(until_disconnected(request))
+        work: asyncio.Future[Any] = asyncio.gather(*(pipeline.segment(data, opts, deadline) for data in images))
+        gone: asyncio.Future[Any] = asyncio.create_task(until_disconnected(request))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if not work.done():  # the client disconnected: drop its queued images

@@ -69,8 +69,7 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. corrupt EXIF; the pixels still decode
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
         raise errors.bad_image(str(err)) from None
 

@@ -42,7 +42,7 @@ def serve(settings: ServeSettings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=settings.request_timeout_s + 5,
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
     server = DrainingServer(config)
     server.run()

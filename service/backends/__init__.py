@@ -27,7 +27,7 @@ def resolve_device(setting: str) -> torch.device:
 
 def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig) -> Backend:
     device = resolve_device(settings.device)
-    name = settings.backend
+    name: str = settings.backend
     if name == "auto":
         name, why = choose_backend(probe())
         log.info("backend auto -> %s: %s", name, why)

@@ -75,7 +75,8 @@ class TensorRTBackend(Backend):
             self.context.set_tensor_address(INPUT, x.data_ptr())
             out = {}
             for name in self.outputs:
-                shape = tuple(self.context.get_tensor_shape(name))
+                dims = self.context.get_tensor_shape(name)
+                shape = [int(dims[i]) for i in range(len(dims))]
                 out[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
                 self.context.set_tensor_address(name, out[name].data_ptr())
             if not self.context.execute_async_v3(self.stream.cuda_stream):
