@@ -38,7 +38,9 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
         from service.backends.torch_backend import TorchBackend
 
         model = load_model(weights)
-        return TorchBackend(model, device, settings.precision, settings.max_batch_size, settings.torch_compile)
+        return TorchBackend(
+            model, device, settings.precision, settings.max_batch_size, settings.torch_compile, settings.cuda_graphs
+        )
     from service.backends.ort_backend import cached_onnx
 
     onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size)

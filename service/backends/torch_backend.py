@@ -1,4 +1,4 @@
-"""PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16."""
+"""PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16, optionally with CUDA graphs."""
 
 from __future__ import annotations
 
@@ -15,18 +15,61 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(
-        self, model: MaskFormer, device: torch.device, precision: str, max_batch_size: int, compile: bool = False
+        self,
+        model: MaskFormer,
+        device: torch.device,
+        precision: str,
+        max_batch_size: int,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if precision != "fp32" and device.type != "cuda":
             raise ValueError(f"{precision} needs a CUDA device; use fp32 on the CPU")
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
         self.dtype = DTYPES[precision]
         self.model = model.to(device).eval()
-        self.forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.module = torch.compile(self.model, dynamic=False) if compile else self.model
+        self.cuda_graphs = cuda_graphs
+        # batch size -> (graph, static input, static outputs); captured at warm-up
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, Tensor]]] = {}
 
-    @torch.inference_mode()
-    def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        x = images.to(self.device, non_blocking=True).float()
+    def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(self.device.type, self.dtype, enabled=self.precision != "fp32"):
-            out = self.forward(x)
-        return out["pred_logits"].float(), out["pred_masks"].float()
+            out = self.module(images.float())
+        return out["pred_logits"].float(), out["pred_masks"].float()  # type: ignore[union-attr]
+
+    @torch.no_grad()
+    def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        graph = self.graphs.get(images.shape[0])
+        if graph is None:
+            return self._forward(images.to(self.device, non_blocking=True))
+        g, static_in, (logits, masks) = graph
+        static_in.copy_(images, non_blocking=True)
+        g.replay()
+        return logits.clone(), masks.clone()  # the next replay overwrites the static outputs
+
+    def warmup(self, input_size: tuple[int, int]) -> list[int]:
+        sizes = super().warmup(input_size)
+        if self.cuda_graphs:
+            for b in sizes:
+                self.graphs[b] = self._capture(b, input_size)
+        return sizes
+
+    @torch.no_grad()
+    def _capture(self, batch: int, input_size: tuple[int, int]):
+        static_in = torch.zeros(batch, 3, *input_size, dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+            for _ in range(2):
+                self._forward(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = self._forward(static_in)
+        return g, static_in, static_out
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "torch_compile": self.module is not self.model, "cuda_graphs": self.cuda_graphs}

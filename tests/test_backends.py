@@ -1,0 +1,69 @@
+"""The backends behind one interface agree with the model; GPU-only paths skip where there is no GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.checkpoint import save_model
+from model.maskformer import ModelInfo, build_model
+from service.backends.ort_backend import OnnxRuntimeBackend, cached_onnx
+from service.backends.torch_backend import TorchBackend
+from tests.conftest import scene, tiny_config
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(scope="module")
+def model_and_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(128), ModelInfo("t", list("abcde"), [False, False, True, True, True])).eval()
+    return model, save_model(model, tmp_path_factory.mktemp("w") / "t.safetensors")
+
+
+def images(batch: int) -> torch.Tensor:
+    return scene(batch, 128, 128).round().to(torch.uint8)
+
+
+def reference(model, x):
+    with torch.no_grad():
+        out = model(x.float())
+    return out["pred_logits"], out["pred_masks"]
+
+
+def test_torch_backend_equals_the_model_and_warms_every_batch_size(model_and_weights):
+    model, _ = model_and_weights
+    backend = TorchBackend(model, torch.device("cpu"), "fp32", max_batch_size=3)
+    assert backend.warmup((128, 128)) == [1, 2, 3]
+    x = images(2)
+    for got, want in zip(backend.infer(x), reference(model, x)):
+        assert torch.equal(got, want)
+
+
+def test_half_precision_is_refused_on_the_cpu(model_and_weights):
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TorchBackend(model_and_weights[0], torch.device("cpu"), "fp16", 1)
+
+
+def test_onnxruntime_backend_matches_torch_and_caches_the_export(model_and_weights, tmp_path):
+    model, weights = model_and_weights
+    path = cached_onnx(weights, tmp_path, (128, 128))
+    mtime = path.stat().st_mtime_ns
+    assert cached_onnx(weights, tmp_path, (128, 128)) == path and path.stat().st_mtime_ns == mtime
+    backend = OnnxRuntimeBackend(path, torch.device("cpu"), "fp32", 4, tmp_path, threads=1)
+    x = images(3)
+    for got, want in zip(backend.infer(x), reference(model, x)):
+        assert (got - want).abs().max() < 1e-3
+
+
+@CUDA
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_graphs_replay_equals_eager(model_and_weights, precision):
+    model, _ = model_and_weights
+    eager = TorchBackend(model, torch.device("cuda"), precision, 2)
+    graphs = TorchBackend(model, torch.device("cuda"), precision, 2, cuda_graphs=True)
+    graphs.warmup((128, 128))
+    assert set(graphs.graphs) == {1, 2}
+    x = images(2)
+    for got, want in zip(graphs.infer(x), eager.infer(x)):
+        assert torch.allclose(got, want, atol=1e-3 if precision == "fp32" else 5e-2)
