@@ -237,6 +237,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from export.triton import write_repository
+
+    config = write_repository(
+        args.onnx,
+        args.repo,
+        args.name,
+        args.engine,
+        args.max_batch,
+        args.max_queue_delay_us,
+        args.instances,
+        gpu=not args.cpu,
+    )
+    print(f"wrote {config}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -318,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batch", type=int, default=8, help="largest batch the graph is checked at")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 keeps LayerNorm one node)")
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
+
     e.set_defaults(func=cmd_export_onnx)
     e = targets.add_parser("tensorrt", help="a TensorRT engine from the ONNX (GPU nodes with TensorRT only)")
     e.add_argument("--onnx", type=Path, required=True)
@@ -329,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workspace-gib", type=float, default=4.0)
     e.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
     e.set_defaults(func=cmd_export_tensorrt)
+    e = targets.add_parser("triton", help="a Triton model repository (config.pbtxt) for the ONNX or its engine")
+    e.add_argument("--onnx", type=Path, required=True, help="the exported ONNX (shapes and metadata come from it)")
+    e.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    e.add_argument("--name", default="maskformer")
+    e.add_argument("--engine", type=Path, help="serve this TensorRT engine (tensorrt_plan) instead of the ONNX")
+    e.add_argument("--max-batch", type=int, default=8)
+    e.add_argument("--max-queue-delay-us", type=int, default=5000)
+    e.add_argument("--instances", type=int, default=1)
+    e.add_argument("--cpu", action="store_true", help="KIND_CPU instances (ONNX only)")
+    e.set_defaults(func=cmd_export_triton)
 
     p = sub.add_parser(
         "serve", add_help=False, help="serve POST /segment over HTTP (flags or MASKFORMER_* env; serve --help)"

@@ -1,0 +1,58 @@
+"""`maskformer export triton`: a model repository whose config.pbtxt Triton's own schema accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from export.onnx import export_onnx
+from export.triton import config_pbtxt
+from model.maskformer import ModelInfo, build_model
+from service.cli import main as cli
+from tests.conftest import tiny_config
+
+model_config_pb2 = pytest.importorskip(
+    "tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] is not installed (pip install -e '.[dev]')"
+)
+text_format = pytest.importorskip("google.protobuf.text_format")
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    torch.manual_seed(0)
+    names, things = ["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True]
+    model = build_model(tiny_config(128), ModelInfo("tiny", names, things))
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "m.onnx")
+
+
+def parse(text: str):
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def test_repository_for_onnx_runtime(onnx_file, tmp_path):
+    repo = tmp_path / "repo"
+    args = ["export", "triton", "--onnx", str(onnx_file), "--repo", str(repo), "--max-batch", "6"]
+    assert cli(args) == 0
+    assert (repo / "maskformer" / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
+    config = parse((repo / "maskformer" / "config.pbtxt").read_text())
+    assert config.name == "maskformer" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 6
+    [images] = config.input
+    assert images.name == "images" and list(images.dims) == [3, 128, 128]
+    assert model_config_pb2.DataType.Name(images.data_type) == "TYPE_UINT8"
+    outputs = {o.name: list(o.dims) for o in config.output}
+    assert outputs == {"pred_logits": [10, 6], "pred_masks": [10, 32, 32]}
+    assert list(config.dynamic_batching.preferred_batch_size) == [3, 6]
+    assert config.dynamic_batching.max_queue_delay_microseconds == 5000
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == "KIND_GPU"
+    info = json.loads(config.parameters["maskformer.info"].string_value)
+    assert info["class_names"][2] == "circle" and info["isthing"][2] is True
+
+
+def test_tensorrt_plan_and_cpu_configs(onnx_file):
+    plan = parse(config_pbtxt(onnx_file, "mf", "tensorrt_plan", 4))
+    assert plan.platform == "tensorrt_plan" and list(plan.dynamic_batching.preferred_batch_size) == [2, 4]
+    cpu = parse(config_pbtxt(onnx_file, "mf", "onnxruntime_onnx", 1, gpu=False, instances=2))
+    assert cpu.instance_group[0].count == 2
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(cpu.instance_group[0].kind) == "KIND_CPU"
