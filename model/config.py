@@ -64,6 +64,10 @@ class MaskFormerConfig:
     # "fpn": the paper's FPN pixel decoder; the transformer decoder reads the backbone's stride-32 map.
     # "transformer_encoder": 6 encoder layers on the stride-32 map feed both the FPN top and the decoder.
     pixel_decoder: str = "fpn"
+    # What the transformer decoder attends to (the official TRANSFORMER_IN_FEATURE): "res5" with "fpn",
+    # "transformer_encoder" with that pixel decoder, or "pixel_embedding" (the stride-4 mask features)
+    # with either. Empty means the pixel decoder's own (res5 / transformer_encoder).
+    transformer_in_feature: str = ""
     conv_dim: int = 256
     mask_dim: int = 256
     enc_layers: int = 0  # transformer encoder layers in the pixel decoder (0 for "fpn")
@@ -85,6 +89,13 @@ class MaskFormerConfig:
         self.input_size = (int(self.input_size[0]), int(self.input_size[1]))
         if self.pixel_decoder not in ("fpn", "transformer_encoder"):
             raise ValueError(f"pixel_decoder must be 'fpn' or 'transformer_encoder', got {self.pixel_decoder!r}")
+        own = "res5" if self.pixel_decoder == "fpn" else "transformer_encoder"
+        self.transformer_in_feature = self.transformer_in_feature or own
+        if self.transformer_in_feature not in (own, "pixel_embedding"):
+            raise ValueError(
+                f"transformer_in_feature must be {own!r} or 'pixel_embedding' with the {self.pixel_decoder} pixel "
+                f"decoder, got {self.transformer_in_feature!r}"
+            )
         if self.pixel_decoder == "transformer_encoder" and self.enc_layers < 1:
             raise ValueError("the transformer_encoder pixel decoder needs enc_layers >= 1")
         if self.pixel_decoder == "fpn" and self.enc_layers != 0:

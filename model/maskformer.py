@@ -57,7 +57,8 @@ class MaskFormer(nn.Module):
             self.pixel_decoder = TransformerEncoderPixelDecoder(
                 channels, cfg.conv_dim, cfg.mask_dim, cfg.enc_layers, cfg.nheads, cfg.dim_feedforward, cfg.dropout
             )
-        in_ch = self.pixel_decoder.transformer_in_channels
+        self.attend_pixel_embedding = cfg.transformer_in_feature == "pixel_embedding"
+        in_ch = cfg.mask_dim if self.attend_pixel_embedding else self.pixel_decoder.transformer_in_channels
         self.input_proj = nn.Conv2d(in_ch, cfg.hidden_dim, 1) if in_ch != cfg.hidden_dim else nn.Identity()
         self.pe_layer = PositionEmbeddingSine(cfg.hidden_dim // 2)
         self.query_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
@@ -69,6 +70,8 @@ class MaskFormer(nn.Module):
         x = (images - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
         mask_features, transformer_input = self.pixel_decoder(features)
+        if self.attend_pixel_embedding:
+            transformer_input = mask_features
 
         src = self.input_proj(transformer_input)
         b, c, h, w = src.shape

@@ -71,3 +71,26 @@ def test_config_validation():
     with pytest.raises(KeyError, match="known presets"):
         get_preset("r50-cityscapes")
     assert MaskFormerConfig.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(ValueError, match="transformer_in_feature"):
+        MaskFormerConfig(num_classes=3, transformer_in_feature="transformer_encoder")
+    assert MaskFormerConfig(num_classes=3).transformer_in_feature == "res5"
+    old = TINY.to_dict()
+    del old["transformer_in_feature"]  # checkpoints written before the field existed
+    assert MaskFormerConfig.from_dict(old).transformer_in_feature == "res5"
+
+
+@pytest.mark.parametrize("pixel_decoder, enc_layers", [("fpn", 0), ("transformer_encoder", 1)])
+def test_decoder_can_attend_to_the_pixel_embedding(pixel_decoder, enc_layers):
+    """The official TRANSFORMER_IN_FEATURE "pixel_embedding": the decoder reads the stride-4 mask features."""
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        TINY, pixel_decoder=pixel_decoder, enc_layers=enc_layers, transformer_in_feature="pixel_embedding"
+    )
+    model = build_model(cfg).eval()
+    seen = {}
+    model.input_proj.register_forward_hook(lambda m, args, out: seen.update(shape=args[0].shape))
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 128, 96) * 255)
+    assert seen["shape"] == (2, cfg.mask_dim, 32, 24)
+    assert out["pred_masks"].shape == (2, 10, 32, 24)
