@@ -183,3 +183,72 @@ def build_engine(
     )
     sidecar.write(out)
     return sidecar
+
+
+class EngineRunner:
+    """Runs a serialized engine on CUDA tensors: uint8 images in, the two raw outputs out (FP32)."""
+
+    def __init__(self, engine_path: str | Path, device: int | None = None) -> None:
+        import torch
+
+        trt_module = load_tensorrt()
+        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
+        self.logger = trt_module.Logger(trt_module.Logger.WARNING)
+        runtime: trt.Runtime = trt_module.Runtime(self.logger)
+        engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if engine is None:
+            raise RuntimeError(f"TensorRT could not load {engine_path}")
+        self.engine: trt.ICudaEngine = engine
+        self.context: trt.IExecutionContext = engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.outputs = [n for n in names if engine.get_tensor_mode(n) == trt_module.TensorIOMode.OUTPUT]
+        self.stream = torch.cuda.Stream(self.device)
+
+    def __call__(self, images):  # uint8 [B, 3, H, W] on any device -> (pred_logits, pred_masks) on the GPU
+        import torch
+
+        with torch.cuda.stream(self.stream):
+            x = images.to(self.device, non_blocking=True).contiguous()
+            self.context.set_input_shape(INPUT, tuple(x.shape))
+            self.context.set_tensor_address(INPUT, x.data_ptr())
+            out = {}
+            for name in self.outputs:
+                dims = self.context.get_tensor_shape(name)
+                out[name] = torch.empty([int(dims[i]) for i in range(len(dims))], device=self.device)
+                self.context.set_tensor_address(name, out[name].data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed")
+        self.stream.synchronize()
+        return out["pred_logits"], out["pred_masks"]
+
+
+def verify_engine(
+    engine_path: str | Path, onnx_path: str | Path, batches: tuple[int, ...] = (1,), seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """The engine against ONNX Runtime (CPU, FP32) on the same random images: per batch size, the max abs
+    logits diff and the share of pixels whose semantic label agrees (the FP16 target is >= 99 %)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from model.postprocess import postprocess
+
+    runner = EngineRunner(engine_path)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    isthing = [True] * (int(session.get_outputs()[0].shape[-1]) - 1)  # the semantic map ignores thing flags
+    g = torch.Generator().manual_seed(seed)
+    results = {}
+    for n in batches:
+        images = torch.randint(0, 256, (n, 3, int(shape[2]), int(shape[3])), dtype=torch.uint8, generator=g)
+        logits, masks = (t.float().cpu() for t in runner(images))
+        ref_logits, ref_masks = session.run(["pred_logits", "pred_masks"], {INPUT: images.numpy()})
+        ours = postprocess({"pred_logits": logits, "pred_masks": masks}, "semantic", isthing)
+        ref = {"pred_logits": torch.from_numpy(ref_logits), "pred_masks": torch.from_numpy(ref_masks)}
+        theirs = postprocess(ref, "semantic", isthing)
+        agree = np.mean([(a.label_map() == b.label_map()).float().mean().item() for a, b in zip(ours, theirs)])
+        results[str(n)] = {
+            "max_abs_diff_pred_logits": float(np.abs(logits.numpy() - ref_logits).max()),
+            "semantic_agreement": float(agree),
+        }
+    return results

@@ -174,6 +174,9 @@ def _tiny(num_classes: int, classes: str, size: int) -> Preset:
 
     Meant to be trained from scratch (no ImageNet weights here): trainable BatchNorm and no dropout,
     which converge several times faster in that setting than the official frozen BN and dropout 0.1.
+    The decoder attends to the stride-4 pixel embedding (the official "pixel_embedding" input): with a
+    from-scratch backbone it told the shape classes apart sooner than the stride-32 map did (shapes,
+    at 1250 steps: PQ things 23.6 against 13.0 at 1000 and 19.6 at 2000 steps for res5).
     """
     cfg = MaskFormerConfig(
         num_classes=num_classes,
@@ -187,6 +190,7 @@ def _tiny(num_classes: int, classes: str, size: int) -> Preset:
         dec_layers=3,
         dropout=0.0,
         input_size=(size, size),
+        transformer_in_feature="pixel_embedding",
     )
     return Preset(cfg, classes, f"small CPU MaskFormer (R10, 3 decoder layers, 20 queries), {size}x{size}")
 

@@ -220,6 +220,20 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({sidecar.precision}, {sidecar.gpu_name}, TensorRT {sidecar.tensorrt_version})")
+    if args.verify:
+        from export.tensorrt import verify_engine
+
+        results = verify_engine(args.out, args.onnx, tuple(sorted({1, args.max_batch})))
+        Path(str(args.out) + ".verify.json").write_text(json.dumps(results, indent=2) + "\n")
+        for batch, r in results.items():
+            print(
+                f"verify batch {batch:>3}: max |diff| logits {r['max_abs_diff_pred_logits']:.2e}; "
+                f"semantic agreement {100 * r['semantic_agreement']:.3f} %"
+            )
+        target = 0.99 if sidecar.precision == "fp16" else 0.999
+        if min(r["semantic_agreement"] for r in results.values()) < target:
+            print(f"FAILED: semantic agreement below {target:.1%}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -346,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fp16", action="store_true", help="FP16 with LayerNorm, softmax and the mask product in FP32")
     e.add_argument("--workspace-gib", type=float, default=4.0)
     e.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")
+    e.add_argument(
+        "--verify", action="store_true", help="compare the engine with ONNX Runtime (report in OUT.verify.json)"
+    )
     e.set_defaults(func=cmd_export_tensorrt)
     e = targets.add_parser("triton", help="a Triton model repository (config.pbtxt) for the ONNX or its engine")
     e.add_argument("--onnx", type=Path, required=True, help="the exported ONNX (shapes and metadata come from it)")

@@ -1,5 +1,6 @@
 """TensorRT export. Building needs TensorRT and a GPU; the engine-cache decision and the error paths do not."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,11 @@ def test_build_engine_from_onnx(tmp_path):  # pragma: no cover - runs only where
     model = build_model(tiny_config(128), ModelInfo("t", list("abcde"), [True] * 5))
     weights = save_model(model, tmp_path / "m.safetensors")
     assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert cli(["export", "tensorrt", "--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "m.engine")]) == 0
-    assert EngineSidecar.read(tmp_path / "m.engine").input_shape == [3, 128, 128]
+    engine = tmp_path / "m.engine"
+    assert cli(["export", "tensorrt", "--onnx", str(tmp_path / "m.onnx"), "--out", str(engine), "--verify"]) == 0
+    assert EngineSidecar.read(engine).input_shape == [3, 128, 128]
+    verify = json.loads((tmp_path / "m.engine.verify.json").read_text())
+    assert all(r["semantic_agreement"] >= 0.999 and r["max_abs_diff_pred_logits"] < 1e-2 for r in verify.values())
 
 
 def test_mypy_against_tensorrt_stubs(tmp_path):

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from export.tensorrt import INPUT, EngineSidecar, build_engine, engine_matches, load_tensorrt, sha256
+from export.tensorrt import EngineRunner, EngineSidecar, build_engine, engine_matches, load_tensorrt, sha256
 from service.backends.base import Backend
-
-if TYPE_CHECKING:
-    import tensorrt as trt
 
 log = logging.getLogger(__name__)
 
@@ -49,40 +45,14 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, device: torch.device, precision: str, max_batch_size: int) -> None:
-        trt_module = load_tensorrt()
         if device.type != "cuda":
             raise ValueError("TensorRT needs a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
-        self.logger = trt_module.Logger(trt_module.Logger.WARNING)
-        runtime: trt.Runtime = trt_module.Runtime(self.logger)
-        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if engine is None:
-            raise RuntimeError(f"TensorRT could not load {engine_path}")
-        self.engine: trt.ICudaEngine = engine
-        self.context: trt.IExecutionContext = engine.create_execution_context()
-        self.outputs = [
-            engine.get_tensor_name(i)
-            for i in range(engine.num_io_tensors)
-            if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt_module.TensorIOMode.OUTPUT
-        ]
-        self.stream = torch.cuda.Stream(device)
+        self.runner = EngineRunner(engine_path, device.index)
         self.engine_path = engine_path
 
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.cuda.stream(self.stream):
-            x = images.to(self.device, non_blocking=True).contiguous()
-            self.context.set_input_shape(INPUT, tuple(x.shape))
-            self.context.set_tensor_address(INPUT, x.data_ptr())
-            out = {}
-            for name in self.outputs:
-                dims = self.context.get_tensor_shape(name)
-                shape = [int(dims[i]) for i in range(len(dims))]
-                out[name] = torch.empty(shape, dtype=torch.float32, device=self.device)
-                self.context.set_tensor_address(name, out[name].data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
-        return out["pred_logits"], out["pred_masks"]
+        return self.runner(images)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "engine": self.engine_path.name}

@@ -1,0 +1,82 @@
+"""The shipped default model: registry, size, digest, its committed eval report, and end to end over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model.checkpoint import WEIGHTS_DIR, default_weights, load_model
+from model.data.shapes import VAL_SEED, generate
+from model.evaluation import PQStat
+from service.settings import ServeSettings
+from tests.images import encode
+from tests.live_server import live_server
+
+REGISTRY = json.loads((WEIGHTS_DIR / "registry.json").read_text())
+ENTRY = REGISTRY["models"][REGISTRY["default"]]
+SHAPES = ["sky", "ground", "circle", "square", "triangle"]
+THINGS = [False, False, True, True, True]
+
+
+def test_registry_names_a_small_checkpoint_with_its_digest():
+    path = default_weights()
+    assert path == WEIGHTS_DIR / ENTRY["file"] and path.is_file()
+    assert path.stat().st_size <= 25 * 1024 * 1024
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ENTRY["sha256"]
+
+
+def test_load_model_without_a_path_loads_the_default():
+    model = load_model()
+    assert model.info.class_names == SHAPES and model.info.isthing == THINGS
+    assert model.info.name == REGISTRY["default"]
+
+
+def test_committed_eval_report_meets_the_bar_on_500_unseen_images():
+    report = json.loads((WEIGHTS_DIR / ENTRY["eval_report"]).read_text())
+    assert report["weights_sha256"] == ENTRY["sha256"]
+    summary = report["summary"]
+    assert summary["images"] == 500
+    assert summary["PQ"] >= 80 and summary["mIoU"] >= 92, summary
+
+
+def test_served_default_model_segments_fresh_validation_images(tmp_path):
+    """`serve`'s own path (backend auto) on the default model, results decoded with pycocotools."""
+    pq = PQStat.zeros(len(SHAPES))
+    with live_server(ServeSettings(cache_dir=tmp_path, max_batch_size=4)) as (url, _):
+        for seed in range(VAL_SEED + 500, VAL_SEED + 540):  # not in the committed report either
+            sample = generate(seed)
+            data = encode(Image.fromarray(sample.image), "PNG")
+            r = httpx.post(f"{url}/segment?task=panoptic", content=data, headers={"Content-Type": "image/png"})
+            assert r.status_code == 200, r.text
+            pred_map = np.zeros(sample.segment_map.shape, np.int64)
+            for s in r.json()["segments"]:
+                pred_map[mask_utils.decode(s["rle"]) == 1] = s["id"]
+            pred = [{"id": s["id"], "category": s["label_id"]} for s in r.json()["segments"]]
+            gt = [
+                {"id": s["id"], "category": s["category_id"] - 1, "iscrowd": s.get("iscrowd", 0)}
+                for s in sample.segments
+            ]
+            pq.add_image(sample.segment_map, gt, pred_map, pred)
+    summary = pq.summary(THINGS)
+    assert summary["PQ"] >= 80, summary
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance"])
+def test_other_tasks_on_the_default_model(tmp_path, task):
+    sample = generate(VAL_SEED + 600)
+    with live_server(ServeSettings(backend="torch", cache_dir=tmp_path, max_batch_size=1)) as (url, _):
+        r = httpx.post(
+            f"{url}/segment?task={task}", files={"image": ("s.png", encode(Image.fromarray(sample.image), "PNG"))}
+        )
+    labels = {s["label"] for s in r.json()["segments"]}
+    truth = {SHAPES[s["category_id"] - 1] for s in sample.segments}
+    if task == "semantic":
+        assert labels == truth
+    else:
+        assert labels == truth - {"sky", "ground"}
