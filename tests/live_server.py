@@ -46,10 +46,10 @@ def live_server(settings: ServeSettings, ready_timeout: float = 180.0) -> Iterat
         sock.close()
 
 
-def metric(url: str, name: str, headers: dict[str, str] | None = None) -> float:
-    """The value of one sample line of /metrics, e.g. 'maskformer_batch_size_sum'."""
+def metric(url: str, sample: str, headers: dict[str, str] | None = None) -> float:
+    """One sample of /metrics, named as exposed: 'maskformer_batch_size_sum' or 'name{label="v",...}'."""
     for line in httpx.get(f"{url}/metrics", headers=headers).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            if line.split(" ")[0] == name or "{" in name:
-                return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise KeyError(sample)
