@@ -40,6 +40,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     backbone_lr_mult: float = 0.1
     clip_grad_norm: float = 0.01
+    ce_weight: float = 1.0  # classification loss weight (the official 1; focal 20 and dice 1 stay fixed)
     poly_power: float = 0.9
     amp: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16), "bf16", "fp16", "none"
     num_workers: int = 2
@@ -174,7 +175,7 @@ def train(
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     model.to(device).train()
-    criterion = SetCriterion(model.cfg.num_classes).to(device)
+    criterion = SetCriterion(model.cfg.num_classes, ce_weight=cfg.ce_weight).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
     step = 0

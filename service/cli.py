@@ -147,6 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay if args.weight_decay is not None else (0.01 if swin else 1e-4),
         backbone_lr_mult=args.backbone_lr_mult,
         clip_grad_norm=args.clip_grad_norm,
+        ce_weight=args.ce_weight,
         amp=args.amp,
         num_workers=args.workers,
         seed=args.seed,
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, help="default: 1e-4, or 0.01 for Swin")
     p.add_argument("--backbone-lr-mult", type=float, default=0.1)
     p.add_argument("--clip-grad-norm", type=float, default=0.01)
+    p.add_argument("--ce-weight", type=float, default=1.0, help="classification loss weight (official: 1)")
     p.add_argument("--crop", type=int, help="square training crop (default: the preset's input size)")
     p.add_argument("--min-scale", type=float, default=0.5)
     p.add_argument("--max-scale", type=float, default=2.0)
