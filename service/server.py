@@ -30,6 +30,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(settings: ServeSettings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # the first-start export logs every graph pass
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def exit_on_load_error(err: BaseException) -> None:
         log.critical("cannot serve: %s", err)

