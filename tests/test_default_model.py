@@ -7,7 +7,6 @@ import json
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
