@@ -40,6 +40,14 @@ def test_torch_backend_equals_the_model_and_warms_every_batch_size(model_and_wei
         assert torch.equal(got, want)
 
 
+def test_torch_compile_agrees_with_eager(model_and_weights):
+    model, _ = model_and_weights
+    compiled = TorchBackend(model, torch.device("cpu"), "fp32", max_batch_size=1, compile=True)
+    x = images(1)
+    for got, want in zip(compiled.infer(x), reference(model, x)):
+        assert (got - want).abs().max() < 1e-3
+
+
 def test_half_precision_is_refused_on_the_cpu(model_and_weights):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         TorchBackend(model_and_weights[0], torch.device("cpu"), "fp16", 1)

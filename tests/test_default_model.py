@@ -98,3 +98,13 @@ def test_semantic_and_instance_on_the_default_model(tmp_path):
     # Measured when the model was shipped: 98.99 % of pixels and 32 of 41 things (78 %).
     assert correct / total >= 0.97, correct / total
     assert recalled / things >= 0.7, (recalled, things)
+
+
+def test_default_model_exports_to_onnx_within_tolerance(tmp_path):
+    from service.cli import main as cli
+
+    out = tmp_path / "shapes.onnx"
+    assert cli(["export", "onnx", "--weights", str(default_weights()), "--out", str(out), "--max-batch", "4"]) == 0
+    report = json.loads((tmp_path / "shapes.onnx.json").read_text())
+    assert report["passed"] and report["max_abs_diff"] <= 1e-3
+    assert all(r["semantic_agreement"] >= 0.999 for r in report["batches"].values())
