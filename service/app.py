@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -61,7 +61,7 @@ def error_response(err: ApiError) -> FastJSON:
 class Guard:
     """Pure ASGI middleware: the optional API key, and request counts and latency per endpoint."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, endpoints: Callable[[], set[str]]):
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, endpoints: frozenset[str]):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
@@ -69,7 +69,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in self.endpoints() else "other"
+        endpoint = path if path in self.endpoints else "other"  # unknown paths share one label
         start, status = time.perf_counter(), 500
 
         async def send_status(message: Message) -> None:
@@ -176,12 +176,6 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         default_response_class=FastJSON,
     )
     app.state.pipeline, app.state.status = pipeline, state
-    app.add_middleware(
-        Guard,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-        metrics=metrics,
-        endpoints=lambda: {getattr(r, "path", "") for r in app.routes},
-    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> Response:
@@ -198,11 +192,17 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         log.error("unhandled error (error id %s)", error_id, exc_info=err)
         return error_response(ApiError(500, "internal", f"internal error; the server log has error id {error_id}"))
 
-    def options(task: Task | None, threshold: float | None, overlap: float | None, max_segments: int | None) -> Options:
+    def options(
+        task: TaskParam = None,
+        threshold: ThresholdParam = None,
+        overlap_threshold: OverlapParam = None,
+        max_segments: MaxSegmentsParam = None,
+    ) -> Options:
+        """The query parameters of both segment endpoints, with the server's defaults filled in."""
         return Options(
             task or settings.default_task,
             settings.threshold if threshold is None else threshold,
-            settings.overlap_threshold if overlap is None else overlap,
+            settings.overlap_threshold if overlap_threshold is None else overlap_threshold,
             max_segments,
         )
 
@@ -223,25 +223,11 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         return work.result()
 
     @app.post("/segment", openapi_extra={"requestBody": IMAGE_BODY})
-    async def segment(
-        request: Request,
-        task: TaskParam = None,
-        threshold: ThresholdParam = None,
-        overlap_threshold: OverlapParam = None,
-        max_segments: MaxSegmentsParam = None,
-    ) -> Response:
-        opts = options(task, threshold, overlap_threshold, max_segments)
+    async def segment(request: Request, opts: Options = Depends(options)) -> Response:
         return FastJSON((await serve_images(request, opts, many=False))[0])
 
     @app.post("/segment/batch", openapi_extra={"requestBody": IMAGE_BODY})
-    async def segment_batch(
-        request: Request,
-        task: TaskParam = None,
-        threshold: ThresholdParam = None,
-        overlap_threshold: OverlapParam = None,
-        max_segments: MaxSegmentsParam = None,
-    ) -> Response:
-        opts = options(task, threshold, overlap_threshold, max_segments)
+    async def segment_batch(request: Request, opts: Options = Depends(options)) -> Response:
         return FastJSON({"results": await serve_images(request, opts, many=True)})
 
     @app.get("/healthz")
@@ -282,4 +268,10 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             },
         }
 
+    app.add_middleware(
+        Guard,
+        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        metrics=metrics,
+        endpoints=frozenset(getattr(r, "path", "") for r in app.routes),  # the routes exist now
+    )
     return app

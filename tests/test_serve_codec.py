@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 
 from model.postprocess import Segment, SegmentationResult, map_result
@@ -51,7 +51,8 @@ def test_bad_images_raise_api_errors(data, status, code):
 
 def test_pixel_limit_is_checked_before_decoding(monkeypatch):
     big = encode(Image.new("RGB", (4000, 3000)), "PNG")
-    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded an image over the limit"))
+    # PNG images load through ImageFile.load, so that is where decoding would start.
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an image over the limit"))
     with pytest.raises(ApiError) as err:
         decode(big, max_pixels=10_000_000)
     assert err.value.status == 413
