@@ -16,6 +16,7 @@ from torch import Tensor
 
 from export.tensorrt import sha256
 from service.backends.base import Backend
+from service.engine_cache import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,17 @@ def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> 
     path = cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}.onnx"
     if path.is_file():
         return path
-    log.info("exporting %s to %s (first start; cached for the next)", weights, path)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-    export_onnx(load_model(weights), tmp, input_size, max_batch=64)
-    tmp.replace(path)  # atomic: a concurrent replica never reads half a file
+    with file_lock(path.with_name(path.name + ".lock")):  # replicas sharing the cache export once
+        if path.is_file():
+            log.info("another process exported %s while this one waited", path)
+            return path
+        log.info("exporting %s to %s (first start; cached for the next)", weights, path)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+        try:
+            export_onnx(load_model(weights), tmp, input_size, max_batch=64)
+            tmp.replace(path)  # atomic: a reader that skips the lock never sees half a file
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -5,40 +5,28 @@ Type-checked against tensorrt-stubs in CI; it runs only on a GPU node with Tenso
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from export.tensorrt import EngineRunner, EngineSidecar, build_engine, engine_matches, load_tensorrt, sha256
+from export.tensorrt import EngineRunner, build_engine, load_tensorrt
 from service.backends.base import Backend
-
-log = logging.getLogger(__name__)
+from service.engine_cache import Node, Want, ensure_engine
 
 
 def cached_engine(onnx_path: Path, cache_dir: Path, precision: str, max_batch_size: int) -> Path:
-    """An engine for this ONNX that fits this GPU and TensorRT, building one when the cache has none."""
+    """An engine for this ONNX that fits this GPU and TensorRT, built (once across replicas) when the cache
+    has none; the decision is service/engine_cache.py's."""
     trt_module = load_tensorrt()
     major, minor = torch.cuda.get_device_capability()
-    engine = cache_dir / f"{onnx_path.stem}-{precision}-b{max_batch_size}-sm{major}{minor}.engine"
-    if engine.is_file() and Path(str(engine) + ".json").is_file():
-        sidecar = EngineSidecar.read(engine)
-        ok, why = engine_matches(sidecar, str(trt_module.__version__), f"{major}.{minor}", sha256(onnx_path))
-        if ok and sidecar.profile["max"] >= max_batch_size and sidecar.precision == precision:
-            return engine
-        log.warning("cached engine %s does not fit (%s); rebuilding", engine, why)
-    log.info("building a TensorRT engine at %s (minutes; cached for the next start)", engine)
-    build_engine(
-        onnx_path,
-        engine,
-        1,
-        max(1, max_batch_size // 2),
-        max_batch_size,
-        precision == "fp16",
-        timing_cache=cache_dir / "timing.cache",
-    )
-    return engine
+    node = Node(str(trt_module.__version__), torch.cuda.get_device_name(), f"{major}.{minor}")
+    timing_cache = cache_dir / f"timing-{node.tag}.cache"
+
+    def build(onnx: Path, out: Path) -> None:
+        build_engine(onnx, out, 1, max(1, max_batch_size // 2), max_batch_size, precision == "fp16", 4.0, timing_cache)
+
+    return ensure_engine(cache_dir, node, Want.of(onnx_path, precision, max_batch_size), build)
 
 
 class TensorRTBackend(Backend):
