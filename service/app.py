@@ -10,12 +10,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,7 +30,8 @@ from service.settings import ServeSettings, Task
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/healthz", "/readyz"}  # probes never need the API key
+OPEN_PATHS = {"/healthz", "/readyz", "/"}  # probes never need the API key; the demo page asks for it
+DEMO_PAGE = Path(__file__).parent / "static" / "index.html"
 IMAGE_BODY = {
     "required": True,
     "content": {
@@ -229,6 +231,10 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
     @app.post("/segment/batch", openapi_extra={"requestBody": IMAGE_BODY})
     async def segment_batch(request: Request, opts: Options = Depends(options)) -> Response:
         return FastJSON({"results": await serve_images(request, opts, many=True)})
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> Response:
+        return FileResponse(DEMO_PAGE, media_type="text/html")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from service.commands_predict import add_parser as add_predict_parser
 from service.commands_train import cmd_data_shapes, cmd_eval, cmd_train
 
 
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("settings", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_serve)
+
+    add_predict_parser(sub)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)

@@ -1,0 +1,168 @@
+"""`maskformer predict`: overlay pictures (and the service's JSON) for images, folders and globs.
+
+In-process it runs the service's own Pipeline (decode -> batcher -> backend -> post-process -> encode), so
+`--json` prints exactly what POST /segment answers; `--server URL` asks a running service instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+Segmenter = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="overlay PNGs (or --json) for images, folders and globs")
+    p.add_argument("images", nargs="+", help="image files, folders (their images, recursively) or globs")
+    p.add_argument("--task", choices=["semantic", "panoptic", "instance"], default="panoptic")
+    p.add_argument("--out", type=Path, help="folder for the overlay PNGs (default: overlays/, none with --json)")
+    p.add_argument("--json", action="store_true", help="print the service's JSON ({'results': [...]} for several)")
+    p.add_argument("--server", help="send the images to this running service (e.g. http://localhost:8000)")
+    p.add_argument("--api-key", help="with --server: the service's API key")
+    p.add_argument("--weights", type=Path, help="in-process: checkpoint (default: the shipped default model)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch-size", type=int, default=4, help="in-process: images per forward pass")
+    p.add_argument("--threshold", type=float, help="panoptic object-mask / instance score threshold")
+    p.add_argument("--overlap-threshold", type=float, help="panoptic: least kept fraction of a mask")
+    p.add_argument("--no-labels", action="store_true", help="draw masks and legend without text on the picture")
+    p.set_defaults(func=cmd_predict)
+
+
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), glob matches (sorted); each file once."""
+    files: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            found = [path]
+        elif glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        else:
+            raise FileNotFoundError(f"{pattern}: no such file or folder")
+        if not found:
+            raise FileNotFoundError(f"{pattern}: no images there")
+        files += found
+    return list(dict.fromkeys(files))
+
+
+def overlay_names(files: list[Path]) -> list[str]:
+    """`stem.png` per input; a stem seen before gets `-2`, `-3`, ... so nothing is overwritten."""
+    seen: dict[str, int] = {}
+    names = []
+    for f in files:
+        seen[f.stem] = seen.get(f.stem, 0) + 1
+        names.append(f"{f.stem}.png" if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}.png")
+    return names
+
+
+async def _run(files: list[Path], segment: Segmenter, on_done: Callable[[int, bytes, Any], None], jobs: int) -> None:
+    """Segment every file, `jobs` at a time (so the batcher can fill batches), calling on_done as each ends."""
+    from service.errors import ApiError
+
+    limit = asyncio.Semaphore(jobs)
+
+    async def one(i: int, path: Path) -> None:
+        async with limit:
+            data = await asyncio.to_thread(path.read_bytes)
+            result: Any
+            try:
+                result = await segment(data)
+            except ApiError as err:
+                result = err.message
+            except Exception as err:  # ServiceError, httpx's transport errors: their text says what failed
+                result = str(err)
+            await asyncio.to_thread(on_done, i, data, result)
+
+    await asyncio.gather(*(one(i, f) for i, f in enumerate(files)))
+
+
+async def _in_process(args: argparse.Namespace, files: list[Path], on_done: Callable) -> None:
+    from service.metrics import Metrics
+    from service.pipeline import Options, Pipeline
+    from service.settings import ServeSettings
+
+    settings = ServeSettings(
+        weights=args.weights,
+        backend=args.backend,
+        device=args.device,
+        max_batch_size=args.batch_size,
+        max_queue_size=max(64, 2 * args.batch_size),
+        warmup=False,
+    )  # type: ignore[call-arg]
+    pipeline = Pipeline(settings, Metrics(settings.max_batch_size))
+    await asyncio.to_thread(pipeline.load)
+    pipeline.start()
+    overlap = settings.overlap_threshold if args.overlap_threshold is None else args.overlap_threshold
+    options = Options(args.task, args.threshold, overlap, None)
+
+    async def segment(data: bytes) -> dict[str, Any]:
+        return await pipeline.segment(data, options, deadline=time.monotonic() + 3600)
+
+    try:
+        await _run(files, segment, on_done, jobs=2 * args.batch_size)
+    finally:
+        await pipeline.drain()
+
+
+async def _remote(args: argparse.Namespace, files: list[Path], on_done: Callable) -> None:
+    from service.client import AsyncClient
+
+    async with AsyncClient(args.server, api_key=args.api_key, timeout=120) as client:
+
+        async def segment(data: bytes) -> dict[str, Any]:
+            return await client.segment_json(data, args.task, args.threshold, args.overlap_threshold)
+
+        await _run(files, segment, on_done, jobs=4)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from service.client import Prediction, load_rgb
+
+    files = expand_inputs(args.images)
+    out = args.out or (None if args.json else Path("overlays"))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    names = overlay_names(files)
+    results: list[dict[str, Any] | None] = [None] * len(files)
+    failures = []
+    progress = tqdm(total=len(files), unit="img", desc=args.task, file=sys.stderr)
+
+    def on_done(i: int, data: bytes, result: dict[str, Any] | str) -> None:
+        if isinstance(result, str):
+            failures.append(f"{files[i]}: {result}")
+        else:
+            results[i] = result
+            if out:
+                picture = Prediction.from_json(result).render(load_rgb(data), labels=not args.no_labels)
+                picture.save(out / names[i])
+        progress.update()
+
+    try:
+        runner = _remote if args.server else _in_process
+        asyncio.run(runner(args, files, on_done))
+    finally:
+        progress.close()
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if args.json:
+        if len(files) > 1:
+            print(json.dumps({"results": results}))  # null where an image failed
+        elif results[0] is not None:
+            print(json.dumps(results[0]))
+    if out:
+        print(f"wrote {len(files) - len(failures)} overlays to {out}", file=sys.stderr)
+    return 1 if failures else 0
