@@ -1,0 +1,131 @@
+"""The Dockerfile, compose file and Kubernetes manifests pass the static checks, and each check fails on a
+planted violation (so a check that cannot fail would show here)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from service.metrics import Metrics
+from tests.docker_checks import compose_problems, dockerfile_problems, k8s_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+K8S = [d for f in sorted((ROOT / "docker" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+METRICS = {m.name for m in Metrics(8).registry.collect()}
+
+
+def test_dockerfile_passes():
+    assert dockerfile_problems(DOCKERFILE, ROOT) == []
+
+
+def test_manifests_pass():
+    assert {d["kind"] for d in K8S} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
+    assert k8s_problems(K8S, METRICS) == []
+
+
+def test_compose_passes():
+    assert compose_problems(COMPOSE) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS runtime", "FROM nvcr.io/nvidia/tensorrt:latest", "pin a tag"),
+        ("FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS build", "FROM nvcr.io/nvidia/tensorrt AS build", "pin a tag"),
+        ("USER 10001", "USER root", "non-root USER"),
+        ("USER 10001", "", "non-root USER"),
+        ('ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint"]', "ENTRYPOINT /usr/local/bin/maskformer-entrypoint",
+         "exec form"),
+        ("HEALTHCHECK --interval", "# HEALTHCHECK --interval", "no HEALTHCHECK"),
+        ("EXPOSE 8000", "EXPOSE 9000", "EXPOSE 8000"),
+        ("ENV PIP_NO_CACHE_DIR=1", "ARG HF_TOKEN\nENV PIP_NO_CACHE_DIR=1", "ARG HF_TOKEN: secrets"),
+        ("    MASKFORMER_PORT=8000", "    MASKFORMER_PORT=8000 MASKFORMER_API_KEY=hunter2", "ENV MASKFORMER_API_KEY"),
+        ("COPY model model", "COPY modell model", "COPY modell: no such path"),
+        ("COPY model model", "COPY tests tests", "COPY tests: excluded by .dockerignore"),
+    ],
+)  # fmt: skip
+def test_dockerfile_check_fails_on_a_planted_violation(old, new, problem):
+    assert old in DOCKERFILE
+    problems = dockerfile_problems(DOCKERFILE.replace(old, new), ROOT)
+    assert any(problem in p for p in problems), problems
+
+
+def test_dockerfile_check_needs_a_dockerignore(tmp_path):
+    for name in ("model", "export", "service", "weights", "docker"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    for name in ("pyproject.toml", "constraints.txt", "README.md"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    assert any("no .dockerignore" in p for p in dockerfile_problems(DOCKERFILE, tmp_path))
+
+
+def _serving(docs):
+    dep = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "maskformer")
+    return dep, dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _hpa(docs):
+    return next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+
+
+def _service(docs):
+    return next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "maskformer")
+
+
+K8S_VIOLATIONS = {
+    "no nvidia.com/gpu limit": lambda docs: _serving(docs)[1]["resources"]["limits"].pop("nvidia.com/gpu"),
+    "readinessProbe must GET /readyz": lambda docs: _serving(docs)[1]["readinessProbe"]["httpGet"].update(
+        path="/healthz"
+    ),
+    "livenessProbe must GET /healthz": lambda docs: _serving(docs)[1]["livenessProbe"]["httpGet"].update(
+        path="/readyz"
+    ),
+    "no startupProbe": lambda docs: _serving(docs)[1].pop("startupProbe"),
+    "startupProbe allows under 600 s": lambda docs: _serving(docs)[1]["startupProbe"].update(failureThreshold=30),
+    "no preStop hook": lambda docs: _serving(docs)[1].pop("lifecycle"),
+    "terminationGracePeriodSeconds 30 <= preStop + drain": lambda docs: _serving(docs)[0]["spec"]["template"][
+        "spec"
+    ].update(terminationGracePeriodSeconds=30),
+    "pin the image tag": lambda docs: _serving(docs)[1].update(image="registry.example.com/maskformer-serving:latest"),
+    "the selector does not match": lambda docs: _serving(docs)[0]["spec"]["selector"]["matchLabels"].update(app="x"),
+    "its selector matches no Deployment": lambda docs: _service(docs)["spec"].update(selector={"app": "other"}),
+    "targetPort metrics is no container port": lambda docs: _service(docs)["spec"]["ports"][0].update(
+        targetPort="metrics"
+    ),
+    "metric maskformer_queue_length is not one": lambda docs: _hpa(docs)["spec"]["metrics"][0]["pods"]["metric"].update(
+        name="maskformer_queue_length"
+    ),
+    "scaleTargetRef maskformer-api is no Deployment": lambda docs: _hpa(docs)["spec"]["scaleTargetRef"].update(
+        name="maskformer-api"
+    ),
+    "custom metrics need autoscaling/v2": lambda docs: _hpa(docs).update(apiVersion="autoscaling/v1"),
+    "no metadata.name": lambda docs: _hpa(docs)["metadata"].pop("name"),
+}
+
+
+@pytest.mark.parametrize("problem", K8S_VIOLATIONS)
+def test_manifest_check_fails_on_a_planted_violation(problem):
+    docs = copy.deepcopy(K8S)
+    K8S_VIOLATIONS[problem](docs)
+    problems = k8s_problems(docs, METRICS)
+    assert any(problem in p for p in problems), problems
+
+
+COMPOSE_VIOLATIONS = {
+    "no GPU reservation": lambda svc: svc.pop("deploy"),
+    "no healthcheck": lambda svc: svc.pop("healthcheck"),
+    "no volume at /cache": lambda svc: svc.update(volumes=["./models:/models:ro"]),
+    "stop_grace_period 10s <= drain": lambda svc: svc.update(stop_grace_period="10s"),
+}
+
+
+@pytest.mark.parametrize("problem", COMPOSE_VIOLATIONS)
+def test_compose_check_fails_on_a_planted_violation(problem):
+    doc = copy.deepcopy(COMPOSE)
+    COMPOSE_VIOLATIONS[problem](doc["services"]["maskformer"])
+    problems = compose_problems(doc)
+    assert any(problem in p for p in problems), problems
