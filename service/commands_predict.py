@@ -134,9 +134,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.images)
     out = args.out or (None if args.json else Path("overlays"))
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     names = overlay_names(files)
+    if out:
+        inputs = {f.resolve() for f in files}
+        for name in names:
+            if (out / name).resolve() in inputs:
+                raise ValueError(f"the overlay {out / name} would overwrite an input image; choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any] | None] = [None] * len(files)
     failures = []
     progress = tqdm(total=len(files), unit="img", desc=args.task, file=sys.stderr)

@@ -77,6 +77,8 @@ def test_bad_input(images, tmp_path, capsys):
     assert "missing.png: no such file or folder" in capsys.readouterr().err
     assert cli(["predict", str(tmp_path / "*.jpg"), "--backend", "torch"]) == 2
     assert "no images there" in capsys.readouterr().err
+    assert cli(["predict", str(images / "sub"), "--backend", "torch", "--out", str(images / "sub")]) == 2
+    assert "would overwrite an input image" in capsys.readouterr().err
     args = ["predict", str(images / "notes.txt"), str(images / f"{SEEDS[0]}.png"), "--backend", "torch"]
     assert cli([*args, "--out", str(tmp_path / "o")]) == 1  # the good image is still drawn
     err = capsys.readouterr().err
