@@ -43,7 +43,7 @@ class ServeSettings(BaseSettings):
     )
     overlap_threshold: float = Field(0.8, ge=0, le=1)
     api_key: SecretStr | None = Field(
-        None, description="when set, every endpoint but /healthz and /readyz needs `Authorization: Bearer KEY`"
+        None, description="when set, all but /healthz, /readyz and the demo page need `Authorization: Bearer KEY`"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: the library's)")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the model")

@@ -4,6 +4,8 @@ decoded masks, overlays and errors."""
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +65,17 @@ def test_async_client_and_batch(server, image):
         assert [s.label for s in client.segment_batch([image], task="semantic")[0].segments] == [
             s.label for s in one.segments
         ]
+
+
+def test_readme_example(server, image, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", readme, re.S) if "service.client import" in c]
+    Image.fromarray(image).save(tmp_path / "street.jpg")
+    monkeypatch.chdir(tmp_path)
+    exec(code.replace("http://localhost:8000", server), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.endswith("(256, 256)") for line in lines)
+    assert Image.open(tmp_path / "street-overlay.png").width > 256
 
 
 def test_errors(server):
