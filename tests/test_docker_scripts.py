@@ -1,0 +1,140 @@
+"""The image's install and start scripts, run here on the CPU: docker/install.sh into a fresh virtual
+environment, then docker/entrypoint serving the bundled default model until it answers POST /segment.
+
+The fresh environment sees this one's packages through a .pth file, so install.sh's dependency phase finds
+them satisfied (no torch download) while its app phase really installs the package, which then runs from
+outside the source tree, as in the image.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import encode, rgb
+from tests.test_serve_process import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = [ROOT / "docker" / "install.sh", ROOT / "docker" / "entrypoint"]
+HEALTHCHECK = ROOT / "docker" / "healthcheck"
+
+
+def healthcheck(port: int) -> int:
+    env = {**os.environ, "MASKFORMER_PORT": str(port)}
+    return subprocess.run([str(HEALTHCHECK)], env=env, capture_output=True, timeout=10).returncode
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get shellcheck)")
+def test_scripts_pass_shellcheck():
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    venv = tmp_path_factory.mktemp("image") / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    (pth,) = venv.glob("lib/python*/site-packages")
+    (pth / "zz_test_venv.pth").write_text(site.getsitepackages()[0] + "\n")
+    for phase in (["deps", str(venv), ""], ["app", str(venv)]):
+        start = time.monotonic()
+        result = subprocess.run([str(SCRIPTS[0]), *phase], capture_output=True, text=True, cwd="/")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Downloading torch" not in result.stdout
+        print(f"install.sh {phase[0]}: {time.monotonic() - start:.1f} s")
+    return venv
+
+
+def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], **kwargs) -> subprocess.Popen:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MASKFORMER_") and k != "PYTHONPATH"}
+    image_env = {  # what the Dockerfile sets, with paths under tmp instead of /cache, /models, /opt
+        "PATH": f"{venv / 'bin'}:{base['PATH']}",
+        "MASKFORMER_WEIGHTS_DIR": str(ROOT / "weights"),
+        "MASKFORMER_MODEL_DIR": str(tmp / "models"),
+        "MASKFORMER_CACHE_DIR": str(tmp / "cache"),
+        "MASKFORMER_HOST": "127.0.0.1",
+        "MASKFORMER_THREADS": "1",
+    }
+    # cwd outside the source tree: `python -m` would otherwise import the checkout, not the installed copy
+    return subprocess.Popen([str(SCRIPTS[1])], env={**base, **image_env, **env}, cwd=tmp, text=True, **kwargs)
+
+
+def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "entrypoint.log", "w+")
+    proc = run_entrypoint(venv, tmp_path, {"MASKFORMER_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT)
+    seen_loading = False
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
+            assert time.monotonic() < deadline, "not ready in 120 s"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+                seen_loading |= httpx.get(f"{url}/healthz", timeout=2).status_code == 200  # alive, not ready
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert seen_loading, "never saw /healthz 200 with /readyz 503 during the ONNX export"
+        assert healthcheck(port) == 0
+        r = httpx.post(f"{url}/segment", files={"image": ("x.png", encode(rgb(60, 80), "PNG"))}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["name"] == "shapes-r10" and (body["width"], body["height"]) == (80, 60)
+        assert body["segments"]
+        # exec: the entrypoint's PID is now the server, from the installed copy, and it gets SIGTERM
+        assert "service.container" in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        assert httpx.get(f"{url}/v1/model").json()["backend"] == "onnxruntime"
+        assert list((tmp_path / "cache").glob("*.onnx"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its drain
+        assert healthcheck(port) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "entrypoint.log").read_text()
+    assert "maskformer entrypoint: model: the bundled default" in text
+    assert str(venv) in subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import service; print(service.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path,
+    ).stdout  # fmt: skip
+
+
+def two_checkpoints(tmp: Path) -> dict[str, str]:
+    (tmp / "models").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp / "models" / name).write_bytes(b"")
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MASKFORMER_MAX_BATCHSIZE": "16"}, "unknown variable(s) MASKFORMER_MAX_BATCHSIZE"),
+        ({"MASKFORMER_PORT": "eighty"}, "MASKFORMER_PORT: Input should be a valid integer"),
+        ({"MASKFORMER_MAX_BATCH_SIZE": "0"}, "MASKFORMER_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
+        ({"MASKFORMER_WEIGHTS": "/models/missing.safetensors"}, "no such file (is the model volume mounted?)"),
+        ({"MASKFORMER_CACHE_DIR": "/proc/cache"}, "cache directory /proc/cache is not writable"),
+        ({"MASKFORMER_WEIGHTS_DIR": "/nonexistent"}, "MASKFORMER_WEIGHTS_DIR=/nonexistent has no registry.json"),
+        (two_checkpoints, "holds several checkpoints (a.safetensors, b.safetensors); set MASKFORMER_WEIGHTS"),
+    ],
+)
+def test_entrypoint_refuses_bad_configuration_with_one_line(venv, tmp_path, env, message):
+    env = env(tmp_path) if callable(env) else env
+    proc = run_entrypoint(venv, tmp_path, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert err.startswith("maskformer entrypoint: error: ") and message in err, err
+    assert "Traceback" not in err
