@@ -34,6 +34,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="in-process: images per forward pass")
     p.add_argument("--threshold", type=float, help="panoptic object-mask / instance score threshold")
     p.add_argument("--overlap-threshold", type=float, help="panoptic: least kept fraction of a mask")
+    p.add_argument(
+        "--min-score",
+        type=float,
+        help="draw only segments scoring at least this (default: 0.5 for instance, else 0); --json is unaffected",
+    )
     p.add_argument("--no-labels", action="store_true", help="draw masks and legend without text on the picture")
     p.set_defaults(func=cmd_predict)
 
@@ -141,6 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if (out / name).resolve() in inputs:
                 raise ValueError(f"the overlay {out / name} would overwrite an input image; choose another --out")
         out.mkdir(parents=True, exist_ok=True)
+    # Instance results keep every query by default; most are faint duplicates that would bury the picture.
+    min_score = args.min_score if args.min_score is not None else (0.5 if args.task == "instance" else 0.0)
     results: list[dict[str, Any] | None] = [None] * len(files)
     failures = []
     progress = tqdm(total=len(files), unit="img", desc=args.task, file=sys.stderr)
@@ -151,7 +158,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             results[i] = result
             if out:
-                picture = Prediction.from_json(result).render(load_rgb(data), labels=not args.no_labels)
+                prediction = Prediction.from_json(result)
+                prediction.segments = [s for s in prediction.segments if s.score >= min_score]
+                picture = prediction.render(load_rgb(data), labels=not args.no_labels)
                 picture.save(out / names[i])
         progress.update()
 

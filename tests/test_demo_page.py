@@ -87,6 +87,8 @@ def test_upload_draws_the_overlay_in_the_browser(server, tmp_path):
 
             page.select_option("#task", "panoptic")  # segments again, now with instance outlines
             panoptic = canvas_when_done(page, sample.image.shape[:2])
+            page.select_option("#task", "instance")  # overlapping masks; the page proposes threshold 0.5
+            instance = canvas_when_done(page, sample.image.shape[:2])
         finally:
             context.close()
 
@@ -97,8 +99,12 @@ def test_upload_draws_the_overlay_in_the_browser(server, tmp_path):
         assert semantic[y, x].tolist() == expected.tolist(), (sid, (y, x))
     # And everywhere the page equals service/overlay.py on the same JSON, pixel for pixel.
     with Client(server) as client:
-        for task, canvas in (("semantic", semantic), ("panoptic", panoptic)):
-            prediction = client.segment(image_path, task=task)
+        for task, canvas, threshold in (
+            ("semantic", semantic, None),
+            ("panoptic", panoptic, None),
+            ("instance", instance, 0.5),
+        ):
+            prediction = client.segment(image_path, task=task, threshold=threshold)
             assert any(s.isthing for s in prediction.segments) or task == "semantic"
             np.testing.assert_array_equal(canvas, np.asarray(prediction.overlay(sample.image, labels=False)), task)
 
