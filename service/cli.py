@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from service.commands_bench import add_parser as add_bench_parser
 from service.commands_predict import add_parser as add_predict_parser
 from service.commands_train import cmd_data_shapes, cmd_eval, cmd_train
 
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     add_predict_parser(sub)
+    add_bench_parser(sub)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)
@@ -303,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:  # pydantic-settings parses serve's flags (argparse would eat --help)
         return cmd_serve(argparse.Namespace(settings=argv[1:]))
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))

@@ -1,0 +1,163 @@
+"""Server level: a closed-loop load generator (async httpx) against a server on loopback, and the server
+processes it measures (`maskformer serve`, or any command that serves POST /segment and GET /readyz).
+
+Each concurrency level runs `concurrency` clients that send back-to-back requests until `max_requests`
+have been sent or `max_seconds` have passed, whichever comes first, so every level is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from model.data.shapes import VAL_SEED, generate
+from service.bench.model_bench import percentiles
+
+
+def sample_images(count: int, size: int) -> list[bytes]:
+    """JPEGs of shapes validation scenes, resized to size x size (what a client would upload)."""
+    out = []
+    for i in range(count):
+        img = Image.fromarray(generate(VAL_SEED + i).image).resize((size, size), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def batch_totals(metrics_text: str) -> tuple[float, float] | None:
+    """(sum, count) of the maskformer_batch_size histogram, or None if the server does not export it."""
+    found = dict(re.findall(r"^maskformer_batch_size_(sum|count) (\S+)$", metrics_text, re.MULTILINE))
+    if len(found) != 2:
+        return None
+    return float(found["sum"]), float(found["count"])
+
+
+async def _batch_totals(client: httpx.AsyncClient) -> tuple[float, float] | None:
+    try:
+        r = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    return batch_totals(r.text) if r.status_code == 200 else None
+
+
+async def run_level(
+    url: str, images: list[bytes], task: str, concurrency: int, max_requests: int, max_seconds: float
+) -> dict:
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        before = await _batch_totals(client)
+        start = time.perf_counter()
+        stop_at = start + max_seconds
+
+        async def worker() -> None:
+            nonlocal sent
+            while sent < max_requests and time.perf_counter() < stop_at:
+                data = images[sent % len(images)]
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(
+                        "/segment", params={"task": task}, files={"image": ("image.jpg", data, "image/jpeg")}
+                    )
+                    statuses[str(r.status_code)] += 1
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                except httpx.HTTPError as err:
+                    statuses[type(err).__name__] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+        after = await _batch_totals(client)
+    row: dict = {
+        "concurrency": concurrency,
+        "requests": sent,
+        "ok": len(latencies),
+        "errors": sum(n for s, n in statuses.items() if s != "200"),
+        "status": dict(statuses),
+        "seconds": round(elapsed, 3),
+        "img_per_s": round(len(latencies) / elapsed, 3),
+        **(percentiles(latencies) if latencies else {}),
+        "avg_batch": None,
+    }
+    if before and after and after[1] > before[1]:
+        row["avg_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+    return row
+
+
+def sweep(
+    url: str, images: list[bytes], task: str, levels: list[int], max_requests: int, max_seconds: float, progress=print
+) -> list[dict]:
+    rows = []
+    for c in levels:
+        row = asyncio.run(run_level(url, images, task, c, max_requests, max_seconds))
+        progress(
+            f"  concurrency {c}: {row['img_per_s']} img/s, p50 {row.get('p50_ms')} ms, p99 {row.get('p99_ms')} ms, "
+            f"avg batch {row['avg_batch']}, errors {row['errors']}"
+        )
+        rows.append(row)
+    return rows
+
+
+class ServerProcess:
+    """Starts a server command, waits for GET /readyz, and stops it with SIGTERM on exit."""
+
+    def __init__(self, command: list[str], url: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.command, self.url, self.log_path = command, url, log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 600  # a first start exports the ONNX
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"{self.url} not ready after 600 s; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def serve_command(weights: Path | None, port: int, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if weights:
+        cmd += ["--weights", str(weights)]
+    return cmd + extra
+
+
+def baseline_command(hf_dir: Path, port: int) -> list[str]:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "baseline_server.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: the baseline server lives in the repository's benchmarks/ folder")
+    return [sys.executable, str(script), "--model", str(hf_dir), "--port", str(port)]

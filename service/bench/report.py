@@ -1,0 +1,129 @@
+"""The bench report: one JSON file, a markdown table and a PNG plot (matplotlib, when installed)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    versions = {}
+    for package in ("torch", "onnxruntime", "tensorrt", "transformers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "platform": platform.platform(),
+        "cpu_count": torch.multiprocessing.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "versions": versions,
+    }
+
+
+def ratios(servers: list[dict]) -> list[dict]:
+    """Our img/s over the baseline's at each concurrency both ran."""
+    by_name = {s["name"]: {r["concurrency"]: r for r in s["rows"]} for s in servers}
+    ours, base = by_name.get("maskformer"), by_name.get("transformers-baseline")
+    if not ours or not base:
+        return []
+    out = []
+    for c in sorted(set(ours) & set(base)):
+        if base[c]["img_per_s"] > 0:
+            out.append({"concurrency": c, "throughput_ratio": round(ours[c]["img_per_s"] / base[c]["img_per_s"], 3)})
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# maskformer bench: {report['created']}", "", f"`{report['command']}`", ""]
+    m = report["machine"]
+    lines += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, GPU: {m['gpu'] or 'none'}, {m['versions']}", ""]
+    model = report.get("model")
+    if model:
+        h, w = model["input_size"]
+        lines += [
+            f"## Model level: {model['model']} at {h}x{w}, {model['threads']} threads",
+            "",
+            "| variant | device | batch | img/s | p50 ms | p90 ms | p99 ms | peak MiB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in model["rows"]:
+            lines.append(
+                f"| {r['variant']} | {r['device']} | {r['batch']} | {r['img_per_s']} | {r['p50_ms']} | "
+                f"{r['p90_ms']} | {r['p99_ms']} | {r['peak_mib']} ({r['memory']}) |"
+            )
+        lines += [f"| {s['variant']} | skipped: {s['reason']} | | | | | | |" for s in model["skipped"]]
+        lines.append("")
+    server = report.get("server")
+    if server:
+        lines += [
+            f"## Server level: task {server['task']}, {server['image_size']}x{server['image_size']} JPEGs, "
+            f"at most {server['max_requests']} requests or {server['max_seconds']} s per level",
+            "",
+            "| server | concurrency | requests | errors | img/s | p50 ms | p90 ms | p99 ms | avg batch |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in server["servers"]:
+            for r in s["rows"]:
+                lines.append(
+                    f"| {s['name']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['img_per_s']} | "
+                    f"{r.get('p50_ms', '-')} | {r.get('p90_ms', '-')} | {r.get('p99_ms', '-')} | "
+                    f"{r['avg_batch'] if r['avg_batch'] is not None else '-'} |"
+                )
+        if server["ratios"]:
+            lines += ["", "maskformer / transformers baseline, img/s:"]
+            lines += [f"- concurrency {r['concurrency']}: {r['throughput_ratio']}x" for r in server["ratios"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> bool:
+    """Throughput and latency percentiles against concurrency, one line per server."""
+    server = report.get("server")
+    if not server:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for s in server["servers"]:
+        rows = [r for r in s["rows"] if r["ok"]]
+        cs = [r["concurrency"] for r in rows]
+        ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", label=s["name"])
+        for q, style in (("p50", "-"), ("p99", "--")):
+            ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", label=f"{s['name']} {q}")
+    for ax, ylabel in ((ax1, "images / s"), (ax2, "latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(server_levels(server), [str(c) for c in server_levels(server)])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ax2.set_yscale("log")
+    fig.suptitle(f"POST /segment?task={server['task']}, {server['image_size']}px")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def server_levels(server: dict) -> list[int]:
+    return sorted({r["concurrency"] for s in server["servers"] for r in s["rows"]})
+
+
+def write(report: dict, out: Path, stem: str = "bench") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    if plot(report, out / f"{stem}.png"):
+        paths.append(out / f"{stem}.png")
+    return paths

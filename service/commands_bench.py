@@ -1,0 +1,110 @@
+"""`maskformer bench`: the model-level sweep, then the server-level sweep, into one report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from model.checkpoint import default_weights
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark backends (model level) and servers under load (server level)",
+        description="Writes OUT/bench.json, OUT/bench.md and OUT/bench.png. No timing is asserted.",
+    )
+    p.add_argument("--weights", type=Path, help="checkpoint (default: the shipped model)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "maskformer")
+    g = p.add_argument_group("model level")
+    g.add_argument("--skip-model", action="store_true")
+    g.add_argument("--variants", help="comma-separated backend[:precision][+compile][+graphs] (default: per device)")
+    g.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8])
+    g.add_argument("--iters", type=int, default=10, help="timed forward passes per batch size")
+    g.add_argument("--warmup", type=int, default=2)
+    g = p.add_argument_group("server level")
+    g.add_argument("--skip-server", action="store_true")
+    g.add_argument("--url", help="measure this running server instead of starting `maskformer serve`")
+    g.add_argument("--serve-args", default="", help="extra `maskformer serve` flags, e.g. '--backend torch'")
+    g.add_argument("--baseline", type=Path, help="transformers model directory: also measure the naive baseline")
+    g.add_argument("--port", type=int, default=8765, help="port for the servers this command starts")
+    g.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
+    g.add_argument("--requests", type=int, default=128, help="most requests per concurrency level")
+    g.add_argument("--seconds", type=float, default=60, help="most seconds per concurrency level")
+    g.add_argument("--task", choices=["semantic", "panoptic", "instance"], default="semantic")
+    g.add_argument("--image-size", type=int, default=512, help="side of the square JPEGs sent")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service.bench import load, report
+    from service.bench.model_bench import bench_models, default_variants, parse_variant
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    weights = args.weights or default_weights()
+    variants = args.variants.split(",") if args.variants else default_variants()
+    try:
+        for v in variants:
+            parse_variant(v)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result: dict = {
+        "kind": "maskformer-bench",
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "maskformer " + " ".join(shlex.quote(a) for a in args.argv),
+        "machine": report.machine(),
+    }
+    if not args.skip_model:
+        print(f"model level: {weights}")
+        result["model"] = bench_models(weights, variants, args.batch_sizes, args.iters, args.warmup, args.cache_dir)
+    if not args.skip_server:
+        images = load.sample_images(8, args.image_size)
+        servers = []
+        level = (args.task, args.concurrency, args.requests, args.seconds)
+        if args.url:
+            print(f"server level: {args.url}")
+            servers.append({"name": "maskformer", "url": args.url, "rows": load.sweep(args.url, images, *level)})
+        else:
+            url = f"http://127.0.0.1:{args.port}"
+            extra = ["--cache-dir", str(args.cache_dir), *shlex.split(args.serve_args)]
+            print(f"server level: maskformer serve {weights} {' '.join(extra)}")
+            command = load.serve_command(weights, args.port, extra)
+            with load.ServerProcess(command, url, args.out / "maskformer-serve.log"):
+                servers.append({"name": "maskformer", "command": extra, "rows": load.sweep(url, images, *level)})
+            if args.baseline:
+                print(f"server level: transformers baseline {args.baseline}")
+                command = load.baseline_command(args.baseline, args.port)
+                with load.ServerProcess(command, url, args.out / "baseline.log"):
+                    rows = load.sweep(url, images, *level)
+                servers.append({"name": "transformers-baseline", "model": str(args.baseline), "rows": rows})
+        result["server"] = {
+            "task": args.task,
+            "image_size": args.image_size,
+            "max_requests": args.requests,
+            "max_seconds": args.seconds,
+            "servers": servers,
+            "ratios": report.ratios(servers),
+        }
+    paths = report.write(result, args.out)
+    for path in paths:
+        print(f"wrote {path}")
+    if "server" in result and not any(p.suffix == ".png" for p in paths):
+        print("no plot: matplotlib is not installed (pip install 'maskformer-serving[bench]')")
+    return 0

@@ -1,0 +1,82 @@
+"""`maskformer bench` in a small configuration: the report is produced and well-formed (no timing asserted).
+
+The server level runs both servers the real benchmark compares: `maskformer serve` and the transformers
+baseline in benchmarks/, on the same (tiny, random) weights.
+"""
+
+import json
+import socket
+
+import pytest
+
+from service.bench.model_bench import parse_variant
+from service.cli import main as cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_hf_dir(path):
+    backbone = transformers.ResNetConfig(
+        layer_type="basic",
+        depths=[1, 1, 1, 1],
+        hidden_sizes=[64, 128, 256, 512],
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    cfg = transformers.MaskFormerConfig(backbone_config=backbone, num_labels=3)
+    cfg.decoder_config.decoder_layers = 1
+    transformers.MaskFormerForInstanceSegmentation(cfg).eval().save_pretrained(path)
+    size = {"shortest_edge": 128, "longest_edge": 128}
+    transformers.MaskFormerImageProcessor(size=size, size_divisor=32).save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path):
+    hf = tiny_hf_dir(tmp_path / "hf")
+    weights = tmp_path / "tiny.safetensors"
+    assert cli(["convert", "--from", "hf", str(hf), "--out", str(weights)]) == 0
+    out = tmp_path / "report"
+    args = ["bench", "--weights", str(weights), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--variants", "torch,onnxruntime,tensorrt:fp16", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1"]
+    args += ["--baseline", str(hf), "--concurrency", "1,3", "--requests", "6", "--seconds", "60"]
+    args += ["--image-size", "96", "--port", str(free_port())]
+    assert cli(args) == 0
+
+    report = json.loads((out / "bench.json").read_text())
+    assert report["kind"] == "maskformer-bench" and report["command"].startswith("maskformer bench --weights")
+    rows = report["model"]["rows"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in ("torch", "onnxruntime") for b in (1, 2)]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["peak_mib"] > 0
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:  # no TensorRT here: the variant is reported as skipped, with the reason
+        assert [s["variant"] for s in report["model"]["skipped"]] == ["tensorrt:fp16"]
+
+    server = report["server"]
+    assert [s["name"] for s in server["servers"]] == ["maskformer", "transformers-baseline"]
+    for s in server["servers"]:
+        assert [r["concurrency"] for r in s["rows"]] == [1, 3]
+        for r in s["rows"]:
+            assert r["requests"] == r["ok"] == 6 and r["errors"] == 0 and r["status"] == {"200": 6}
+            assert r["p50_ms"] <= r["p99_ms"]
+    ours = server["servers"][0]["rows"]
+    assert ours[0]["avg_batch"] == 1.0 and 1.0 <= ours[1]["avg_batch"] <= 3.0  # read from /metrics
+    assert server["servers"][1]["rows"][0]["avg_batch"] is None  # the baseline does not batch
+    assert [r["concurrency"] for r in server["ratios"]] == [1, 3]
+
+    md = (out / "bench.md").read_text()
+    assert "| torch | cpu | 1 |" in md and "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_are_checked_before_anything_runs(tmp_path, capsys):
+    assert parse_variant("torch:fp16+graphs").graphs
+    assert cli(["bench", "--variants", "torch:fp8", "--out", str(tmp_path)]) == 2
+    assert "unknown precision 'fp8'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
