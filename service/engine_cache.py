@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +35,9 @@ class Node:
 
     @property
     def tag(self) -> str:
-        return f"sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
+        """A file-name part per node kind: GPU models with one compute capability share a cache volume."""
+        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu_name.lower().removeprefix("nvidia ")).strip("-")
+        return f"{gpu}-sm{self.compute_capability.replace('.', '')}-trt{self.tensorrt_version}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def mismatch(sidecar: EngineSidecar, node: Node, want: Want) -> str | None:
 
 
 def engine_path(cache_dir: Path, node: Node, want: Want) -> Path:
-    """Where this node builds the engine: the name carries everything the match depends on but the GPU model."""
+    """Where this node builds its engine: one name per ONNX, precision, batch, GPU model and TensorRT."""
     return cache_dir / f"{want.onnx.stem}-{want.precision}-b{want.max_batch_size}-{node.tag}.engine"
 
 

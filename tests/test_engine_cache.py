@@ -90,8 +90,17 @@ def test_engines_without_a_readable_sidecar_are_passed_over(tmp_path, want):
 
 
 def test_another_models_engines_are_ignored(tmp_path, want):
-    plant(tmp_path, NODE, want, name="ffffffffffffffff-256x256-fp32-b8-sm90-trt10.8.0.43.engine")
+    plant(tmp_path, NODE, want, name="ffffffffffffffff-256x256-fp32-b8-h100-80gb-hbm3-sm90-trt10.8.0.43.engine")
     assert find_engine(tmp_path, NODE, want) == (None, [])
+
+
+def test_gpu_models_of_one_compute_capability_keep_separate_engines(tmp_path, want):
+    a10, a40 = Node("10.8.0.43", "NVIDIA A10", "8.6"), Node("10.8.0.43", "NVIDIA A40", "8.6")
+    assert engine_path(tmp_path, a10, want).name == "0123456789abcdef-256x256-fp32-b8-a10-sm86-trt10.8.0.43.engine"
+    plant(tmp_path, a10, want)
+    plant(tmp_path, a40, want)
+    assert find_engine(tmp_path, a40, want)[0] == engine_path(tmp_path, a40, want)
+    assert find_engine(tmp_path, a10, want)[0] == engine_path(tmp_path, a10, want)
 
 
 def hold_lock(lock: Path, held: multiprocessing.Event, release: multiprocessing.Event, then_plant: bool) -> None:
