@@ -3,17 +3,20 @@ uploads a shapes image, and the canvas must hold the palette's colours where the
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 from scipy.ndimage import distance_transform_edt
 
 from model.data.shapes import VAL_SEED, generate
 from service import overlay
 from service.client import Client
+from service.encode import rle_counts_from_map
 from service.settings import ServeSettings
 from tests.live_server import live_server
 
@@ -89,6 +92,14 @@ def test_upload_draws_the_overlay_in_the_browser(server, tmp_path):
             panoptic = canvas_when_done(page, sample.image.shape[:2])
             page.select_option("#task", "instance")  # overlapping masks; the page proposes threshold 0.5
             instance = canvas_when_done(page, sample.image.shape[:2])
+
+            # Counts far beyond a 256x256 image's (more 5-bit groups, large negative deltas) decode too.
+            big = np.zeros((3000, 4000), np.uint8)
+            big[5:2990, 7:3990] = 1
+            big[1000:1001, 100:3000] = 0
+            big[2999, 3999] = 1
+            counts = mask_utils.encode(np.asfortranarray(big))["counts"].decode()
+            assert page.evaluate(f"rleCounts({json.dumps(counts)})") == rle_counts_from_map(big, [1])[0]
         finally:
             context.close()
 
