@@ -4,6 +4,7 @@ planted violation (so a check that cannot fail would show here)."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,32 @@ def test_compose_check_fails_on_a_planted_violation(problem):
     COMPOSE_VIOLATIONS[problem](doc["services"]["maskformer"])
     problems = compose_problems(doc)
     assert any(problem in p for p in problems), problems
+
+
+OPS = (ROOT / "README.md").read_text().split("## Operations", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_lists_every_variable_with_the_images_default():
+    from service.container import CONTAINER_VARS
+    from service.settings import ServeSettings
+
+    rows = dict(re.findall(r"^\| `(MASKFORMER_\w+)` \| (.+?) \|$", OPS, re.M))
+    image_env = dict(re.findall(r"(MASKFORMER_\w+)=(\S+)", DOCKERFILE))
+    assert set(rows) == {f"MASKFORMER_{n.upper()}" for n in ServeSettings.model_fields} | set(CONTAINER_VARS)
+    for name, field in ServeSettings.model_fields.items():
+        var, cell = f"MASKFORMER_{name.upper()}", rows[f"MASKFORMER_{name.upper()}"]
+        default = image_env.get(var, field.default)
+        if default is None:
+            assert cell.startswith("unset"), (var, cell)
+        else:
+            shown = re.match(r"`([^`]+)`", cell)
+            assert shown, (var, cell)
+            expected = str(default).lower() if isinstance(default, bool) else str(default)
+            assert shown[1] == expected or float(shown[1]) == float(expected), (var, cell, default)
+    for var in CONTAINER_VARS:
+        assert var in image_env and f"`{image_env[var]}`" in rows[var]
+
+
+def test_readme_explains_every_metric():
+    for name in METRICS:
+        assert f"`{name}" in OPS, f"README's operations section does not explain {name}"
