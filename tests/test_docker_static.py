@@ -11,7 +11,13 @@ import pytest
 import yaml
 
 from service.metrics import Metrics
-from tests.docker_checks import compose_problems, dockerfile_problems, k8s_problems
+from tests.docker_checks import (
+    compose_problems,
+    dockerfile_problems,
+    hadolint_problems,
+    k8s_problems,
+    schema_problems,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -24,9 +30,14 @@ def test_dockerfile_passes():
     assert dockerfile_problems(DOCKERFILE, ROOT) == []
 
 
+def test_dockerfile_passes_hadolint():
+    assert hadolint_problems(DOCKERFILE) == []
+
+
 def test_manifests_pass():
     assert {d["kind"] for d in K8S} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
     assert k8s_problems(K8S, METRICS) == []
+    assert schema_problems(K8S) == []
 
 
 def test_compose_passes():
@@ -54,6 +65,19 @@ def test_dockerfile_check_fails_on_a_planted_violation(old, new, problem):
     assert old in DOCKERFILE
     problems = dockerfile_problems(DOCKERFILE.replace(old, new), ROOT)
     assert any(problem in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "rule"),
+    [
+        ("FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS runtime", "FROM nvcr.io/nvidia/tensorrt:latest", "DL3007"),
+        ('ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint"]', "ENTRYPOINT /usr/local/bin/maskformer-entrypoint",
+         "DL3025"),
+        ("USER 10001", "USER root", "DL3002"),
+    ],
+)  # fmt: skip
+def test_hadolint_fails_on_a_planted_violation(old, new, rule):
+    assert any(rule in p for p in hadolint_problems(DOCKERFILE.replace(old, new)))
 
 
 def test_dockerfile_check_needs_a_dockerignore(tmp_path):
@@ -105,7 +129,30 @@ K8S_VIOLATIONS = {
     ),
     "custom metrics need autoscaling/v2": lambda docs: _hpa(docs).update(apiVersion="autoscaling/v1"),
     "no metadata.name": lambda docs: _hpa(docs)["metadata"].pop("name"),
+    "PersistentVolumeClaim maskformer-cache is not defined": lambda docs: _serving(docs)[0]["spec"]["template"][
+        "spec"
+    ]["volumes"][0]["persistentVolumeClaim"].update(claimName="maskformer-cache"),
 }
+
+SCHEMA_VIOLATIONS = {
+    "spec.ports.0.port: 'eighty' is not of type 'integer'": lambda docs: _service(docs)["spec"]["ports"][0].update(
+        port="eighty"
+    ),
+    "spec: Additional properties are not allowed ('replica' was unexpected)": lambda docs: _serving(docs)[0][
+        "spec"
+    ].update(replica=3),
+    "spec.template.spec.containers.0.livenessProbe.httpGet: 'port' is a required property": lambda docs: _serving(
+        docs
+    )[1]["livenessProbe"]["httpGet"].pop("port"),
+}
+
+
+@pytest.mark.parametrize("problem", SCHEMA_VIOLATIONS)
+def test_schema_check_fails_on_a_planted_violation(problem):
+    docs = copy.deepcopy(K8S)
+    SCHEMA_VIOLATIONS[problem](docs)
+    problems = schema_problems(docs)
+    assert any(problem in p for p in problems), problems
 
 
 @pytest.mark.parametrize("problem", K8S_VIOLATIONS)
