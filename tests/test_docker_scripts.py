@@ -54,7 +54,7 @@ def venv(tmp_path_factory) -> Path:
     return venv
 
 
-def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], **kwargs) -> subprocess.Popen:
+def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], *args: str, **kwargs) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MASKFORMER_") and k != "PYTHONPATH"}
     image_env = {  # what the Dockerfile sets, with paths under tmp instead of /cache, /models, /opt
         "PATH": f"{venv / 'bin'}:{base['PATH']}",
@@ -65,14 +65,16 @@ def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], **kwargs) -> subp
         "MASKFORMER_THREADS": "1",
     }
     # cwd outside the source tree: `python -m` would otherwise import the checkout, not the installed copy
-    return subprocess.Popen([str(SCRIPTS[1])], env={**base, **image_env, **env}, cwd=tmp, text=True, **kwargs)
+    return subprocess.Popen([str(SCRIPTS[1]), *args], env={**base, **image_env, **env}, cwd=tmp, text=True, **kwargs)
 
 
 def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "entrypoint.log", "w+")
-    proc = run_entrypoint(venv, tmp_path, {"MASKFORMER_PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT)
+    env = {"MASKFORMER_PORT": str(port)}
+    # arguments after the image name are serve's flags
+    proc = run_entrypoint(venv, tmp_path, env, "--max-batch-size", "2", stdout=log, stderr=subprocess.STDOUT)
     seen_loading = False
     try:
         deadline = time.monotonic() + 120
@@ -80,7 +82,9 @@ def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
             assert proc.poll() is None, (tmp_path / "entrypoint.log").read_text()
             assert time.monotonic() < deadline, "not ready in 120 s"
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    assert ready.json()["warm_batch_sizes"] == [1, 2]
                     break
                 seen_loading |= httpx.get(f"{url}/healthz", timeout=2).status_code == 200  # alive, not ready
             except httpx.TransportError:
@@ -110,6 +114,11 @@ def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
         [str(venv / "bin" / "python"), "-c", "import service; print(service.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
     ).stdout  # fmt: skip
+
+
+def test_install_refuses_an_unknown_extra(venv):
+    result = subprocess.run([str(SCRIPTS[0]), "deps", str(venv), "gpu,cuda"], capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown extra(s) ['cuda']" in result.stderr
 
 
 def two_checkpoints(tmp: Path) -> dict[str, str]:

@@ -4,6 +4,7 @@ planted violation (so a check that cannot fail would show here)."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -28,6 +29,12 @@ METRICS = {m.name for m in Metrics(8).registry.collect()}
 
 def test_dockerfile_passes():
     assert dockerfile_problems(DOCKERFILE, ROOT) == []
+
+
+def test_dockerfile_bundles_the_registrys_default_model():
+    registry = json.loads((ROOT / "weights" / "registry.json").read_text())
+    default = registry["models"][registry["default"]]["file"]
+    assert re.search(rf"^COPY weights/registry.json .*weights/{re.escape(default)} ", DOCKERFILE, re.M)
 
 
 def test_dockerfile_passes_hadolint():
