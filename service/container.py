@@ -37,6 +37,11 @@ def check_names(environ: Mapping[str, str]) -> None:
     """A misspelt MASKFORMER_* variable would be ignored silently; refuse it instead."""
     known = setting_vars() | set(CONTAINER_VARS)
     unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+    if "MASKFORMER_SERVICE_HOST" in environ:  # Kubernetes' service links for a Service named maskformer
+        raise ConfigError(
+            f"Kubernetes service-link variables ({', '.join(unknown)}) collide with the settings "
+            "(MASKFORMER_PORT=tcp://...); set enableServiceLinks: false in the pod spec"
+        )
     if unknown:
         raise ConfigError(f"unknown variable(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 

@@ -154,6 +154,8 @@ def k8s_problems(docs: list[dict[str, Any]], metric_names: set[str]) -> list[str
                 problems.append(f"{where}: no preStop hook")
             grace = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
             if c["name"] == "maskformer":
+                if dep["spec"]["template"]["spec"].get("enableServiceLinks", True):
+                    problems.append(f"{where}: set enableServiceLinks: false (MASKFORMER_PORT=tcp://... otherwise)")
                 if _probe_path(c, "readinessProbe") != "/readyz":
                     problems.append(f"{where}: readinessProbe must GET /readyz")
                 if _probe_path(c, "livenessProbe") != "/healthz":

@@ -133,6 +133,10 @@ def two_checkpoints(tmp: Path) -> dict[str, str]:
     [
         ({"MASKFORMER_MAX_BATCHSIZE": "16"}, "unknown variable(s) MASKFORMER_MAX_BATCHSIZE"),
         ({"MASKFORMER_PORT": "eighty"}, "MASKFORMER_PORT: Input should be a valid integer"),
+        (
+            {"MASKFORMER_SERVICE_HOST": "10.0.0.7", "MASKFORMER_PORT": "tcp://10.0.0.7:80"},
+            "set enableServiceLinks: false in the pod spec",
+        ),
         ({"MASKFORMER_MAX_BATCH_SIZE": "0"}, "MASKFORMER_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
         ({"MASKFORMER_WEIGHTS": "/models/missing.safetensors"}, "no such file (is the model volume mounted?)"),
         ({"MASKFORMER_CACHE_DIR": "/proc/cache"}, "cache directory /proc/cache is not writable"),

@@ -122,6 +122,9 @@ K8S_VIOLATIONS = {
     "terminationGracePeriodSeconds 30 <= preStop + drain": lambda docs: _serving(docs)[0]["spec"]["template"][
         "spec"
     ].update(terminationGracePeriodSeconds=30),
+    "set enableServiceLinks: false": lambda docs: _serving(docs)[0]["spec"]["template"]["spec"].pop(
+        "enableServiceLinks"
+    ),
     "pin the image tag": lambda docs: _serving(docs)[1].update(image="registry.example.com/maskformer-serving:latest"),
     "the selector does not match": lambda docs: _serving(docs)[0]["spec"]["selector"]["matchLabels"].update(app="x"),
     "its selector matches no Deployment": lambda docs: _service(docs)["spec"].update(selector={"app": "other"}),
