@@ -188,3 +188,31 @@ def test_real_build_then_reuse_on_a_gpu(tmp_path):
     assert EngineSidecar.read(engine).profile["max"] == 2
     mtime = engine.stat().st_mtime_ns
     assert cached_engine(onnx, tmp_path, "fp32", 2) == engine and engine.stat().st_mtime_ns == mtime
+
+
+def test_a_replica_waiting_to_export_the_onnx_reuses_the_holders_file(tmp_path, monkeypatch):
+    import export.onnx
+    from export.tensorrt import sha256
+    from service.backends.ort_backend import cached_onnx
+
+    def must_not_export(*args, **kwargs):
+        raise AssertionError("the ONNX another replica exported should have been used")
+
+    monkeypatch.setattr(export.onnx, "export_onnx", must_not_export)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    onnx = tmp_path / "cache" / f"{sha256(weights)[:16]}-64x64.onnx"
+    proc, release = other_replica(onnx.with_name(onnx.name + ".lock"), then_plant=False)
+    try:
+        result: list[Path] = []
+        waiter = threading.Thread(target=lambda: result.append(cached_onnx(weights, tmp_path / "cache", (64, 64))))
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive() and not result
+        onnx.write_bytes(b"exported by the other replica")
+        release.set()
+        waiter.join(30)
+        assert result == [onnx]
+    finally:
+        release.set()
+        proc.join(30)
