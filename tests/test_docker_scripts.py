@@ -33,10 +33,21 @@ def healthcheck(port: int) -> int:
     return subprocess.run([str(HEALTHCHECK)], env=env, capture_output=True, timeout=10).returncode
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get shellcheck)")
+SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]')")
 def test_scripts_pass_shellcheck():
-    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    result = subprocess.run([str(SHELLCHECK), *map(str, SCRIPTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]')")
+def test_shellcheck_fails_on_a_planted_violation(tmp_path):
+    planted = tmp_path / "entrypoint"
+    planted.write_text(SCRIPTS[1].read_text().replace('exec python -m service.container "$@"', "exec python $@"))
+    result = subprocess.run([str(SHELLCHECK), str(planted)], capture_output=True, text=True)
+    assert result.returncode != 0 and "SC2068" in result.stdout
 
 
 @pytest.fixture(scope="module")
