@@ -22,7 +22,9 @@ import transformers
 from pycocotools import mask as mask_utils
 
 from model.data.shapes import VAL_SEED, generate
-from model.postprocess import postprocess, resize_mask_logits, semantic_map_reference
+from model.mask_resize import resize_mask_logits
+from model.postprocess import postprocess
+from model.semantic_map import semantic_map_reference
 from service.encode import encode_result
 
 
@@ -123,7 +125,8 @@ def markdown(report: dict) -> str:
         r = report["semantic"]
         lines += [
             "",
-            f"Semantic pixel agreement (worst image): with the official order {100 * r['agreement_with_official_order']:.2f} %, "
+            "Semantic pixel agreement (worst image): "
+            f"with the official order {100 * r['agreement_with_official_order']:.2f} %, "
             f"with transformers' order {100 * r['agreement_with_transformers']:.2f} %; with the official order on the "
             f"shipped shapes model {100 * report['agreement_default_model']:.2f} %.",
         ]

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from model.mask_resize import resize_mask_logits
+from model.semantic_map import semantic_map
 
 TASKS = ("semantic", "panoptic", "instance")
 
 Box = tuple[float, float, float, float]
 MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the output size
-MapFn = Callable[[Tensor], Tensor]  # [C, h, w] mask logits at stride 4 -> [C, H, W] at the output size
 
 
 @dataclass
@@ -51,19 +51,6 @@ class SegmentationResult:
             return self.masks[segment.id - 1]
         assert self.segment_map is not None
         return self.segment_map == segment.id
-
-
-def resize_mask_logits(
-    masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int], orig_size: tuple[int, int]
-) -> Tensor:
-    """[N, h, w] mask logits at stride 4 -> [N, *orig_size] logits of the image's own region."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *orig_size))
-    x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)
-    x = x[..., : image_size[0], : image_size[1]]
-    if tuple(x.shape[-2:]) == tuple(orig_size):
-        return x[0]  # resizing to the same size is the identity
-    return F.interpolate(x, size=orig_size, mode="bilinear", align_corners=False)[0]
 
 
 def _boxes(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor) -> list[Box]:
@@ -110,46 +97,29 @@ def map_result(
 
 
 def semantic_inference(
-    logits: Tensor, masks: Tensor, isthing: Sequence[bool], resize: MapFn, max_segments: int | None = None
+    logits: Tensor,
+    masks: Tensor,
+    isthing: Sequence[bool],
+    sizes: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+    max_segments: int | None = None,
 ) -> SegmentationResult:
-    """The paper's semantic inference: argmax over classes of sum_q p_q(c) * sigmoid(m_q), in the official
-    order (mask logits resized to the output size first, then the sigmoid), but only for the classes that
-    can win somewhere.
+    """The paper's semantic inference: argmax over classes of sum_q p_q(c) * sigmoid(m_q).
 
-    `masks` are the [Q, h, w] mask logits at stride 4 and `resize` takes [C, h, w] maps to the output size.
-    Candidates are the classes in the top 3 at some stride-4 pixel of the cheap order (transformers': class
-    maps summed at stride 4); only they, plus the all-class total for the scores, are summed at full size:
-    (C + 1) x Q x H x W instead of K x Q x H x W. The cheap order alone agrees with the official one on
-    only ~99 % of a trained model's pixels; this one on all of them up to candidates missed (tested).
+    `masks` are [Q, h, w] stride-4 logits; `sizes` are resize_mask_logits' (input, image, original) sizes.
     One segment per class present; its score is the mean normalised class probability over its pixels.
     """
-    probs = logits.softmax(-1)[:, :-1]  # [Q, K]
-    k = probs.shape[1]
-    cheap = probs.t() @ masks.sigmoid().flatten(1)  # [K, hw]
-    candidates = cheap.topk(min(3, k), 0).indices.unique()
-    full = resize(masks)  # [Q, H, W]
-    out_h, out_w = full.shape[1:]
-    weights = torch.cat([probs[:, candidates], probs.sum(1, keepdim=True)], 1)  # [Q, C + 1]
-    maps = weights.t() @ full.flatten(1).sigmoid()  # [C + 1, HW]
-    score, best = (maps[:-1] / maps[-1:].clamp_min(1e-12)).max(0)
-    labels = candidates[best]
-    present = torch.bincount(labels, minlength=k)
-    mean_score = torch.zeros(k, device=maps.device).scatter_add_(0, labels, score)
-    mean_score = mean_score / present.clamp_min(1)
+    labels, score = semantic_map(logits, masks, *sizes)
+    k = logits.shape[-1] - 1
+    flat = labels.flatten()
+    present = torch.bincount(flat, minlength=k)
+    mean_score = torch.zeros(k, device=flat.device).scatter_add_(0, flat, score.flatten()) / present.clamp_min(1)
     classes = present.nonzero().flatten()
     if max_segments is not None and len(classes) > max_segments:
         # Keep the largest classes; the others' pixels are left unlabelled (0).
         classes = classes[present[classes].argsort(descending=True)[:max_segments]].sort().values
-    lut = torch.zeros(k, dtype=torch.int32, device=maps.device)
-    lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=maps.device)
-    segment_map = lut[labels].view(out_h, out_w)
-    return map_result("semantic", segment_map, classes.tolist(), mean_score[classes].tolist(), isthing)
-
-
-def semantic_map_reference(logits: Tensor, masks: Tensor) -> Tensor:
-    """The official order: [Q, H, W] mask logits already at the output size -> [H, W] class ids."""
-    probs = logits.softmax(-1)[:, :-1]
-    return torch.einsum("qc,qhw->chw", probs, masks.sigmoid()).argmax(0)
+    lut = torch.zeros(k, dtype=torch.int32, device=flat.device)
+    lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=flat.device)
+    return map_result("semantic", lut[labels], classes.tolist(), mean_score[classes].tolist(), isthing)
 
 
 def panoptic_inference(
@@ -287,8 +257,7 @@ def postprocess(
             return resize_mask_logits(masks[i, sel], input_size, size, orig)
 
         if task == "semantic":
-            resize = partial(resize_mask_logits, input_size=input_size, image_size=size, orig_size=orig)
-            results.append(semantic_inference(logits[i], masks[i], isthing, resize, max_segments))
+            results.append(semantic_inference(logits[i], masks[i], isthing, (input_size, size, orig), max_segments))
         elif task == "panoptic":
             t = 0.8 if threshold is None else threshold
             results.append(panoptic_inference(logits[i], masks_fn, isthing, t, overlap_threshold, max_segments, orig))
