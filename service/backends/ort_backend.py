@@ -83,9 +83,16 @@ class OnnxRuntimeBackend(Backend):
 
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
         options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_cpu_mem_arena = True  # reuse activation buffers across runs
+        options.enable_mem_pattern = True  # plan them once per input shape
+        # Post-processing runs on the same cores right after each run: threads that spin waiting for the
+        # next run would take those cores from it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers(device, precision, cache_dir))
         self.onnx_path = onnx_path
 
