@@ -148,7 +148,8 @@ def panoptic_inference(
         return SegmentationResult("panoptic", [], segment_map=empty)
     cur_scores, cur_classes = scores[kept], labels[kept]
     cur_masks = masks_fn(kept).sigmoid()  # [n, H, W]
-    owner = (cur_scores[:, None, None] * cur_masks).argmax(0)  # [H, W] index into kept
+    # max(0).indices: the same first-maximum rule as argmax(0), several times faster on a CPU
+    owner = (cur_scores[:, None, None] * cur_masks).max(0).indices  # [H, W] index into kept
     n = len(kept)
     owned = torch.bincount(owner.flatten(), minlength=n).tolist()
     own_area = (cur_masks >= 0.5).flatten(1).sum(1).tolist()
