@@ -112,7 +112,8 @@ def markdown(report: dict) -> str:
         f"Post-processing + RLE per image, {report['threads']} thread(s), CPU time, median over images x repeats;",
         "the same logits for both sides.",
         "",
-        "| model | task | output | ours (ms) | transformers + pycocotools (ms) | ours / theirs | segments (ours, theirs) |",
+        "| model | task | output | ours (ms) | transformers + pycocotools (ms) | ours / theirs "
+        "| segments (ours, theirs) |",
         "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     for name in ("r50_random", "shapes_trained"):
