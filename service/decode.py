@@ -70,8 +70,8 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
             warnings.simplefilter("ignore")  # e.g. corrupt EXIF; the pixels still decode
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise errors.bad_image(str(err)) from None
+    except Exception as err:  # corrupt data: Pillow's parsers raise OSError, but also TypeError, struct.error...
+        raise errors.bad_image(str(err) or type(err).__name__) from None
 
 
 def prepare(rgb: np.ndarray, input_size: tuple[int, int], fill: tuple[float, float, float]) -> Decoded:
