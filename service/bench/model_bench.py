@@ -6,6 +6,7 @@ A variant is `backend[:precision][+compile][+graphs]`, e.g. `torch`, `torch:bf16
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,10 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+            except OSError:
+                pass  # not Linux, or not allowed: VmHWM (or ru_maxrss) is then the process's peak so far
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -70,8 +74,11 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.mib = torch.cuda.max_memory_allocated() / 2**20
         else:
-            status = Path("/proc/self/status").read_text()
-            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            try:
+                status = Path("/proc/self/status").read_text()
+                kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
             self.mib = kib / 1024
 
 
