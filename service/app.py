@@ -16,31 +16,23 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
-from service.decode import MEDIA_TYPES, check_media_type
+from service.decode import check_media_type
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.pipeline import Options, Pipeline
 from service.runtime import probe
+from service.schemas import SEGMENT_RESPONSES, UNAUTHORIZED, BatchResult, NotReady, Ready, SegmentResult, image_body
 from service.settings import ServeSettings, Task
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/healthz", "/readyz", "/"}  # probes never need the API key; the demo page asks for it
 DEMO_PAGE = Path(__file__).parent / "static" / "index.html"
-IMAGE_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
-        },
-        **{m: {"schema": {"type": "string", "format": "binary"}} for m in MEDIA_TYPES},
-    },
-}
 
 
 TaskParam = Annotated[Task | None, Query(description="default: the server's default_task")]
@@ -224,11 +216,19 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             raise ApiError(499, "client_closed", "the client closed the connection")
         return work.result()
 
-    @app.post("/segment", openapi_extra={"requestBody": IMAGE_BODY})
+    @app.post(
+        "/segment",
+        openapi_extra={"requestBody": image_body(many=False)},
+        responses={200: {"model": SegmentResult}, **SEGMENT_RESPONSES},
+    )
     async def segment(request: Request, opts: Options = Depends(options)) -> Response:
         return FastJSON((await serve_images(request, opts, many=False))[0])
 
-    @app.post("/segment/batch", openapi_extra={"requestBody": IMAGE_BODY})
+    @app.post(
+        "/segment/batch",
+        openapi_extra={"requestBody": image_body(many=True)},
+        responses={200: {"model": BatchResult}, **SEGMENT_RESPONSES},
+    )
     async def segment_batch(request: Request, opts: Options = Depends(options)) -> Response:
         return FastJSON({"results": await serve_images(request, opts, many=True)})
 
@@ -240,18 +240,18 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
     async def healthz() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: {"model": Ready}, 503: {"model": NotReady}})
     async def readyz() -> Response:
         if state["ready"] and not state["draining"]:
             return FastJSON({"status": "ready", "warm_batch_sizes": pipeline.warm_batch_sizes})
         reason = "draining" if state["draining"] else state["load_error"] or "loading"
         return FastJSON({"status": "not ready", "reason": reason}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=UNAUTHORIZED)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", responses=UNAUTHORIZED)
     async def model_info() -> dict[str, Any]:
         caps = probe()
         info, cfg, backend = pipeline.info, pipeline.cfg, pipeline.backend
