@@ -13,6 +13,6 @@ $py benchmarks/hf_r50.py --out "$work/r50-hf"
 .venv/bin/maskformer convert --from hf "$work/r50-hf" --out "$work/r50.safetensors" --name r50-random-ade
 .venv/bin/maskformer bench --weights "$work/r50.safetensors" --baseline "$work/r50-hf" \
     --cache-dir "$work/cache" --out "$out" \
-    --variants torch,onnxruntime --batch-sizes 1,2,4 --iters 5 --warmup 1 \
+    --variants torch,onnxruntime --batch-sizes 1,2,4,8 --iters 5 --warmup 1 \
     --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90
 $py benchmarks/postprocess_vs_transformers.py --hf "$work/r50-hf" --out "$out" --images 6 --repeats 3
