@@ -10,6 +10,7 @@ from pathlib import Path
 
 from service.commands_bench import add_parser as add_bench_parser
 from service.commands_predict import add_parser as add_predict_parser
+from service.commands_soak import add_parser as add_soak_parser
 from service.commands_train import cmd_data_shapes, cmd_eval, cmd_train
 
 
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(sub)
     add_bench_parser(sub)
+    add_soak_parser(sub)
 
     p = sub.add_parser("info", help="print a checkpoint's metadata")
     p.add_argument("weights", type=Path)
