@@ -62,11 +62,23 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 def _anchor(mask: np.ndarray) -> tuple[int, int]:
-    """The mask's most interior pixel (x, y), found on a subsampled mask so large images stay quick."""
+    """The mask's most interior pixel (x, y), found on a subsampled mask so large images stay quick.
+
+    A thin mask can miss every subsampled pixel; it is then searched at full resolution within its bounding
+    box (a thin mask's box is small in one direction, so this stays quick too)."""
     step = max(1, max(mask.shape) // 256)
     small = np.pad(mask[::step, ::step], 1)
-    y, x = np.unravel_index(np.argmax(distance_transform_edt(small)), small.shape)
-    return int(x - 1) * step, int(y - 1) * step
+    if small.any():
+        y, x = np.unravel_index(np.argmax(distance_transform_edt(small)), small.shape)
+        return int(x - 1) * step, int(y - 1) * step
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no anchor")
+    top, left = int(ys.min()), int(xs.min())
+    depth = distance_transform_edt(np.pad(mask[top : int(ys.max()) + 1, left : int(xs.max()) + 1], 1))
+    deepest = np.argwhere(depth == depth.max())  # a line is equally deep all along: take its middle
+    y, x = deepest[len(deepest) // 2]
+    return left + int(x) - 1, top + int(y) - 1
 
 
 def overlay(

@@ -73,3 +73,25 @@ def test_bad_input_is_refused():
         overlay.overlay(image[:100], segments)
     with pytest.raises(ValueError, match="uint8 RGB"):
         overlay.overlay(image.astype(np.float32), segments)
+
+
+@pytest.mark.parametrize("shape", [(1000, 1000), (600, 2000)])
+def test_a_thin_mask_on_a_large_image_gets_its_label_on_the_mask(shape):
+    # Subsampled every few pixels, a one-pixel line can vanish; its label must still land on it, not at (0, 0).
+    h, w = shape
+    step = max(shape) // 256
+    vertical = np.zeros(shape, bool)
+    vertical[100 : h - 100, step * 50 + 1] = True
+    horizontal = np.zeros(shape, bool)
+    horizontal[step * 40 + 1, 200 : w - 200] = True
+    for mask in (vertical, horizontal):
+        assert not mask[::step, ::step].any()  # the case: nothing left after subsampling
+        x, y = overlay._anchor(mask)
+        assert mask[y, x], (x, y)
+    image = np.full((h, w, 3), 90, np.uint8)
+    seg = Seg(3, "pole", 0.9, True, vertical)
+    plain = np.asarray(overlay.overlay(image, [seg], outlines=False, labels=False))
+    labelled = np.asarray(overlay.overlay(image, [seg], outlines=False, labels=True))
+    ys, xs = np.nonzero((plain != labelled).any(-1))
+    # the label box sits on the middle of the line
+    assert abs(np.median(xs) - (step * 50 + 1)) < 20 and abs(np.median(ys) - h / 2) < 20, (np.median(xs), np.median(ys))
