@@ -20,6 +20,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Segmenter = Callable[[bytes], Awaitable[dict[str, Any]]]
 
 
+def unit_interval(text: str) -> float:
+    """argparse type for the thresholds: a number from 0 to 1 (the server answers 400 otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="overlay PNGs (or --json) for images, folders and globs")
     p.add_argument("images", nargs="+", help="image files, folders (their images, recursively) or globs")
@@ -32,12 +43,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="in-process: images per forward pass")
-    p.add_argument("--threshold", type=float, help="panoptic object-mask / instance score threshold")
-    p.add_argument("--overlap-threshold", type=float, help="panoptic: least kept fraction of a mask")
+    p.add_argument("--threshold", type=unit_interval, help="panoptic object-mask / instance score threshold (0..1)")
+    p.add_argument("--overlap-threshold", type=unit_interval, help="panoptic: least kept fraction of a mask (0..1)")
     p.add_argument(
         "--min-score",
-        type=float,
-        help="draw only segments scoring at least this (default: 0.5 for instance, else 0); --json is unaffected",
+        type=unit_interval,
+        help="draw only segments scoring at least this, 0..1 (default: 0.5 for instance, else 0); --json is unaffected",
     )
     p.add_argument("--no-labels", action="store_true", help="draw masks and legend without text on the picture")
     p.set_defaults(func=cmd_predict)

@@ -83,3 +83,19 @@ def test_bad_input(images, tmp_path, capsys):
     assert cli([*args, "--out", str(tmp_path / "o")]) == 1  # the good image is still drawn
     err = capsys.readouterr().err
     assert "notes.txt: the body is not a readable image" in err and "wrote 1 overlays" in err
+
+
+@pytest.mark.parametrize("flag", ["--threshold", "--overlap-threshold", "--min-score"])
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "high"])
+def test_thresholds_outside_0_to_1_are_refused_before_anything_runs(images, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["predict", str(images / f"{SEEDS[0]}.png"), "--backend", "torch", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and ("not between 0 and 1" in err or "is not a number" in err), err
+
+
+def test_thresholds_at_the_ends_of_0_to_1_are_accepted():
+    from service.commands_predict import unit_interval
+
+    assert [unit_interval(v) for v in ("0", "1", "0.5", "1e-3")] == [0.0, 1.0, 0.5, 0.001]
