@@ -85,10 +85,10 @@ def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], *args: str, **kwa
 def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "entrypoint.log", "w+")
     env = {"MASKFORMER_PORT": str(port)}
     # arguments after the image name are serve's flags
-    proc = run_entrypoint(venv, tmp_path, env, "--max-batch-size", "2", stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "entrypoint.log", "w") as log:
+        proc = run_entrypoint(venv, tmp_path, env, "--max-batch-size", "2", stdout=log, stderr=subprocess.STDOUT)
     seen_loading = False
     try:
         deadline = time.monotonic() + 120
