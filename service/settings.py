@@ -22,7 +22,9 @@ class ServeSettings(BaseSettings):
         "auto", description="auto: TensorRT on a GPU with TensorRT, else ONNX Runtime, else torch"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
-    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16/bf16 on GPU backends only")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp16 on GPU backends; bf16 on torch (CUDA) only"
+    )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     cache_dir: Path = Field(

@@ -75,3 +75,25 @@ def test_cuda_graphs_replay_equals_eager(model_and_weights, precision):
     x = images(2)
     for got, want in zip(graphs.infer(x), eager.infer(x)):
         assert torch.allclose(got, want, atol=1e-3 if precision == "fp32" else 5e-2)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_bf16_is_refused_by_the_onnx_backends_before_any_export(model_and_weights, tmp_path, backend):
+    # They would run fp32 under the name bf16 (and TensorRT would miss its engine cache on every start).
+    from service.backends import create_backend
+    from service.settings import ServeSettings
+
+    model, weights = model_and_weights
+    settings = ServeSettings(backend=backend, device="cpu", precision="bf16", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match=f"precision bf16 is not supported by the {backend} backend"):
+        create_backend(settings, weights, model.cfg)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing exported
+
+
+def test_bf16_is_refused_by_the_onnx_backend_constructors(tmp_path):
+    from service.backends.trt_backend import TensorRTBackend
+
+    with pytest.raises(ValueError, match="precision bf16 is not supported by the onnxruntime backend"):
+        OnnxRuntimeBackend(tmp_path / "m.onnx", torch.device("cpu"), "bf16", 1, tmp_path)
+    with pytest.raises(ValueError, match="precision bf16 is not supported by the tensorrt backend"):
+        TensorRTBackend(tmp_path / "m.engine", torch.device("cpu"), "bf16", 1)

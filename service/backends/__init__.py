@@ -14,7 +14,7 @@ from service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Backend", "create_backend"]
+__all__ = ["PRECISIONS", "Backend", "check_precision", "create_backend"]
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -25,12 +25,26 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+# What each backend can run; anything else is refused before an export or build starts, instead of running
+# fp32 under another name (and, for TensorRT, missing the engine cache on every start).
+PRECISIONS = {"torch": ("fp32", "fp16", "bf16"), "onnxruntime": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16")}
+
+
+def check_precision(backend: str, precision: str) -> None:
+    if precision not in PRECISIONS.get(backend, (precision,)):
+        raise ValueError(
+            f"precision {precision} is not supported by the {backend} backend "
+            f"({', '.join(PRECISIONS[backend])} only); use fp16, or the torch backend for bf16"
+        )
+
+
 def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig) -> Backend:
     device = resolve_device(settings.device)
     name: str = settings.backend
     if name == "auto":
         name, why = choose_backend(probe())
         log.info("backend auto -> %s: %s", name, why)
+    check_precision(name, settings.precision)
     if settings.threads and device.type == "cpu":
         torch.set_num_threads(settings.threads)
     if name == "torch":

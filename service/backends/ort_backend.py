@@ -79,6 +79,8 @@ class OnnxRuntimeBackend(Backend):
         cache_dir: Path,
         threads: int | None = None,
     ) -> None:
+        if precision not in ("fp32", "fp16"):  # service/backends/__init__.py's PRECISIONS
+            raise ValueError(f"precision {precision} is not supported by the onnxruntime backend (fp32, fp16 only)")
         import onnxruntime as ort
 
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size

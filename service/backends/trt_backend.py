@@ -33,6 +33,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, engine_path: Path, device: torch.device, precision: str, max_batch_size: int) -> None:
+        if precision not in ("fp32", "fp16"):  # service/backends/__init__.py's PRECISIONS
+            raise ValueError(f"precision {precision} is not supported by the tensorrt backend (fp32, fp16 only)")
         if device.type != "cuda":
             raise ValueError("TensorRT needs a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
