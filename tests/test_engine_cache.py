@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import threading
 import time
 from dataclasses import replace
@@ -192,8 +193,7 @@ def test_real_build_then_reuse_on_a_gpu(tmp_path):
 
 def test_a_replica_waiting_to_export_the_onnx_reuses_the_holders_file(tmp_path, monkeypatch):
     import export.onnx
-    from export.tensorrt import sha256
-    from service.backends.ort_backend import cached_onnx
+    from service.backends.ort_backend import cached_onnx, onnx_cache_path
 
     def must_not_export(*args, **kwargs):
         raise AssertionError("the ONNX another replica exported should have been used")
@@ -201,7 +201,7 @@ def test_a_replica_waiting_to_export_the_onnx_reuses_the_holders_file(tmp_path, 
     monkeypatch.setattr(export.onnx, "export_onnx", must_not_export)
     weights = tmp_path / "w.safetensors"
     weights.write_bytes(b"weights")
-    onnx = tmp_path / "cache" / f"{sha256(weights)[:16]}-64x64.onnx"
+    onnx = onnx_cache_path(weights, tmp_path / "cache", (64, 64))
     proc, release = other_replica(onnx.with_name(onnx.name + ".lock"), then_plant=False)
     try:
         result: list[Path] = []
@@ -216,3 +216,34 @@ def test_a_replica_waiting_to_export_the_onnx_reuses_the_holders_file(tmp_path, 
     finally:
         release.set()
         proc.join(30)
+
+
+def test_the_cached_onnx_is_exported_again_when_the_exporter_changes(tmp_path, monkeypatch):
+    import export.onnx
+    import model.checkpoint
+    from service.backends import ort_backend
+
+    exported: list[Path] = []
+
+    def fake_export(model, out, size, max_batch):  # stands in for the exporter: this test is about the name
+        exported.append(Path(out))
+        Path(out).write_bytes(b"an exported graph")
+
+    monkeypatch.setattr(export.onnx, "export_onnx", fake_export)
+    monkeypatch.setattr(model.checkpoint, "load_model", lambda weights: None)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"weights")
+    first = ort_backend.cached_onnx(weights, tmp_path, (64, 64))
+    assert re.fullmatch(r"[0-9a-f]{16}-64x64-e[0-9a-f]{8}\.onnx", first.name) and len(exported) == 1
+    assert ort_backend.cached_onnx(weights, tmp_path, (64, 64)) == first and len(exported) == 1  # reused
+
+    real_version = ort_backend.metadata.version
+    for dist in ort_backend.EXPORTER:  # a new version of any part of the exporter: a new file, exported anew
+        monkeypatch.setattr(
+            ort_backend.metadata, "version", lambda name, dist=dist: "99.0" if name == dist else real_version(name)
+        )
+        again = ort_backend.cached_onnx(weights, tmp_path, (64, 64))
+        assert again != first and again.is_file() and exported[-1].name.startswith(again.stem), dist
+    assert len(exported) == 1 + len(ort_backend.EXPORTER)
+    monkeypatch.setattr(ort_backend.metadata, "version", real_version)
+    assert ort_backend.cached_onnx(weights, tmp_path, (64, 64)) == first  # back to the old exporter: its file

@@ -1,13 +1,16 @@
 """ONNX Runtime: the CPU provider, or the CUDA / TensorRT execution providers on a GPU.
 
-The ONNX file is exported from the checkpoint on first start and cached under the checkpoint's digest,
-so later starts (and other replicas sharing the cache) skip the export.
+The ONNX file is exported from the checkpoint on first start and cached under the checkpoint's digest and
+the exporter's versions, so later starts (and other replicas sharing the cache) skip the export, and an
+image with another exporter exports afresh instead of reusing a graph the old one wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +24,33 @@ from service.engine_cache import file_lock
 log = logging.getLogger(__name__)
 
 
+# The distributions whose versions decide what the export writes: this package (the model code and
+# export/onnx.py), torch's exporter, onnx, onnxscript and onnxslim.
+EXPORTER = ("maskformer-serving", "torch", "onnx", "onnxscript", "onnxslim")
+
+
+def exporter_tag() -> str:
+    """8 hex digits of a hash of EXPORTER's versions: part of the cached ONNX's name."""
+    versions = []
+    for dist in EXPORTER:
+        try:
+            versions.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} absent")
+    return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:8]
+
+
+def onnx_cache_path(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> Path:
+    """`<checkpoint sha256, 16 digits>-<H>x<W>-e<exporter tag>.onnx` in the cache."""
+    return cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}-e{exporter_tag()}.onnx"
+
+
 def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> Path:
-    """The exported ONNX for this checkpoint and input size, exporting it if it is not cached yet."""
+    """The exported ONNX for this checkpoint, input size and exporter, exporting it if it is not cached yet."""
     from export.onnx import export_onnx
     from model.checkpoint import load_model
 
-    path = cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}.onnx"
+    path = onnx_cache_path(weights, cache_dir, input_size)
     if path.is_file():
         return path
     with file_lock(path.with_name(path.name + ".lock")):  # replicas sharing the cache export once
