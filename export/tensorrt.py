@@ -12,6 +12,8 @@ import hashlib
 import importlib
 import json
 import logging
+import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -169,7 +171,14 @@ def build_engine(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(serialized))
     if cache_path:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        # Beside it and renamed: the cache is shared by builds of other engines (other locks), which may be
+        # reading it now; a reader sees the old file or the new one, never half of one.
+        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+            os.replace(tmp, cache_path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     major, minor = torch.cuda.get_device_capability()
     sidecar = EngineSidecar(
