@@ -43,5 +43,7 @@ EXPOSE 8000
 VOLUME ["/cache"]
 # Liveness only: /healthz answers while an engine builds; readiness (/readyz) is the orchestrator's probe.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 CMD ["/usr/local/bin/maskformer-healthcheck"]
-# Exec form: the entrypoint execs the server, which is then PID 1 and gets SIGTERM to drain.
-ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint"]
+# Exec form, behind the base image's own entrypoint: nvidia_entrypoint.sh runs /opt/nvidia/entrypoint.d (CUDA
+# forward-compatibility set-up, driver checks) and then execs ours, which execs the server; the server is then
+# PID 1 and gets SIGTERM to drain.
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/usr/local/bin/maskformer-entrypoint"]

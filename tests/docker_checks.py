@@ -24,6 +24,7 @@ SECRET = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDEN
 DRAIN_SLACK_S = 5  # service/server.py: uvicorn's graceful shutdown is request_timeout_s + 5
 MIN_ENGINE_BUILD_S = 600  # what a startupProbe must allow for a first TensorRT build
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest Kubernetes the manifests are checked against
+NGC_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"  # the NGC base's entrypoint: CUDA forward compatibility
 
 
 def _exec_form(value: str) -> bool:
@@ -57,6 +58,14 @@ def dockerfile_problems(text: str, root: Path) -> list[str]:
     entrypoints = [ins["value"] for ins in final if ins["instruction"] == "ENTRYPOINT"]
     if not entrypoints or not _exec_form(entrypoints[-1]):
         problems.append("ENTRYPOINT must be in exec form (a JSON list), so the server is PID 1 and gets SIGTERM")
+    else:
+        ours = [ins["value"].split()[-1] for ins in final
+                if ins["instruction"] == "COPY" and ins["value"].split()[-2:-1] == ["docker/entrypoint"]]  # fmt: skip
+        command = json.loads(entrypoints[-1])
+        if not ours or not command or command[-1] != ours[-1]:
+            problems.append(f"ENTRYPOINT {command} must end with docker/entrypoint's copy {ours[-1:]}")
+        elif command[:-1] not in ([], [NGC_ENTRYPOINT]):
+            problems.append(f"ENTRYPOINT {command}: only {NGC_ENTRYPOINT} may run before ours (it execs it)")
     healthchecks = [ins["value"] for ins in final if ins["instruction"] == "HEALTHCHECK"]
     if not healthchecks or healthchecks[-1].strip().upper() == "NONE":
         problems.append("the final stage has no HEALTHCHECK")
@@ -183,6 +192,8 @@ def k8s_problems(docs: list[dict[str, Any]], metric_names: set[str]) -> list[str
             target = doc["spec"]["scaleTargetRef"]["name"]
             if target not in deployments:
                 problems.append(f"HPA {name}: scaleTargetRef {target} is no Deployment here")
+            elif "replicas" in deployments[target]["spec"]:  # every `kubectl apply` would reset the HPA's count
+                problems.append(f"HPA {name}: Deployment {target} sets spec.replicas, which the HPA owns")
             for m in doc["spec"].get("metrics", []):
                 metric = m.get(m["type"].lower(), {}).get("metric", {}).get("name")
                 if m["type"] in ("Pods", "Object", "External") and metric not in metric_names:

@@ -25,6 +25,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 K8S = [d for f in sorted((ROOT / "docker" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
 METRICS = {m.name for m in Metrics(8).registry.collect()}
+ENTRYPOINT = 'ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/usr/local/bin/maskformer-entrypoint"]'
 
 
 def test_dockerfile_passes():
@@ -58,8 +59,11 @@ def test_compose_passes():
         ("FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS build", "FROM nvcr.io/nvidia/tensorrt AS build", "pin a tag"),
         ("USER 10001", "USER root", "non-root USER"),
         ("USER 10001", "", "non-root USER"),
-        ('ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint"]', "ENTRYPOINT /usr/local/bin/maskformer-entrypoint",
+        (ENTRYPOINT, "ENTRYPOINT /opt/nvidia/nvidia_entrypoint.sh /usr/local/bin/maskformer-entrypoint",
          "exec form"),
+        (ENTRYPOINT, 'ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh"]', "must end with docker/entrypoint's copy"),
+        (ENTRYPOINT, 'ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint", "--port", "9000"]', "must end with"),
+        (ENTRYPOINT, 'ENTRYPOINT ["/bin/sh", "/usr/local/bin/maskformer-entrypoint"]', "only /opt/nvidia/"),
         ("HEALTHCHECK --interval", "# HEALTHCHECK --interval", "no HEALTHCHECK"),
         ("EXPOSE 8000", "EXPOSE 9000", "EXPOSE 8000"),
         ("ENV PIP_NO_CACHE_DIR=1", "ARG HF_TOKEN\nENV PIP_NO_CACHE_DIR=1", "ARG HF_TOKEN: secrets"),
@@ -78,13 +82,18 @@ def test_dockerfile_check_fails_on_a_planted_violation(old, new, problem):
     ("old", "new", "rule"),
     [
         ("FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS runtime", "FROM nvcr.io/nvidia/tensorrt:latest", "DL3007"),
-        ('ENTRYPOINT ["/usr/local/bin/maskformer-entrypoint"]', "ENTRYPOINT /usr/local/bin/maskformer-entrypoint",
-         "DL3025"),
+        (ENTRYPOINT, "ENTRYPOINT /opt/nvidia/nvidia_entrypoint.sh /usr/local/bin/maskformer-entrypoint", "DL3025"),
         ("USER 10001", "USER root", "DL3002"),
     ],
 )  # fmt: skip
 def test_hadolint_fails_on_a_planted_violation(old, new, rule):
     assert any(rule in p for p in hadolint_problems(DOCKERFILE.replace(old, new)))
+
+
+def test_dockerignore_keeps_model_volumes_pictures_and_docs_out_of_the_context():
+    # compose's ./models bind mount is docker/models, inside the build context; checkpoints are gigabytes
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert {"docker/models", "models", "overlays", "docs"} <= set(ignored)
 
 
 def test_dockerfile_check_needs_a_dockerignore(tmp_path):
@@ -139,9 +148,12 @@ K8S_VIOLATIONS = {
     ),
     "custom metrics need autoscaling/v2": lambda docs: _hpa(docs).update(apiVersion="autoscaling/v1"),
     "no metadata.name": lambda docs: _hpa(docs)["metadata"].pop("name"),
-    "PersistentVolumeClaim maskformer-cache is not defined": lambda docs: _serving(docs)[0]["spec"]["template"][
-        "spec"
-    ]["volumes"][0]["persistentVolumeClaim"].update(claimName="maskformer-cache"),
+    "Deployment maskformer sets spec.replicas, which the HPA owns": lambda docs: _serving(docs)[0]["spec"].update(
+        replicas=2
+    ),
+    "PersistentVolumeClaim maskformer-cache is not defined": lambda docs: _serving(docs)[0]["spec"]["template"]["spec"][
+        "volumes"
+    ][0]["persistentVolumeClaim"].update(claimName="maskformer-cache"),
 }
 
 SCHEMA_VIOLATIONS = {
@@ -151,9 +163,9 @@ SCHEMA_VIOLATIONS = {
     "spec: Additional properties are not allowed ('replica' was unexpected)": lambda docs: _serving(docs)[0][
         "spec"
     ].update(replica=3),
-    "spec.template.spec.containers.0.livenessProbe.httpGet: 'port' is a required property": lambda docs: _serving(
-        docs
-    )[1]["livenessProbe"]["httpGet"].pop("port"),
+    "spec.template.spec.containers.0.livenessProbe.httpGet: 'port' is a required property": lambda docs: _serving(docs)[
+        1
+    ]["livenessProbe"]["httpGet"].pop("port"),
 }
 
 
