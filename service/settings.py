@@ -52,3 +52,18 @@ class ServeSettings(BaseSettings):
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: replay one CUDA graph per batch size")
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     log_level: str = "info"
+
+
+def serve_settings(argv: list[str], exit_on_error: bool = True) -> ServeSettings:
+    """`maskformer serve`'s settings: its flags in `argv` over MASKFORMER_* variables over the defaults.
+
+    The one parser for both `serve` and the container's start checks (service/container.py), so both see the
+    same values. `exit_on_error=False` raises pydantic_settings.SettingsError on an unknown flag instead of
+    printing the usage and exiting."""
+    return ServeSettings(
+        _cli_parse_args=argv,
+        _cli_prog_name="maskformer serve",
+        _cli_kebab_case=True,
+        _cli_implicit_flags=True,
+        _cli_exit_on_error=exit_on_error,
+    )  # type: ignore[call-arg]

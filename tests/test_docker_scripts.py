@@ -28,8 +28,9 @@ SCRIPTS = [ROOT / "docker" / "install.sh", ROOT / "docker" / "entrypoint"]
 HEALTHCHECK = ROOT / "docker" / "healthcheck"
 
 
-def healthcheck(port: int) -> int:
-    env = {**os.environ, "MASKFORMER_PORT": str(port)}
+def healthcheck(port: int, tmpdir: Path | None = None) -> int:
+    """The HEALTHCHECK as `docker exec` runs it: the image's environment (MASKFORMER_PORT=port), not the flags."""
+    env = {**os.environ, "MASKFORMER_PORT": str(port), **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     return subprocess.run([str(HEALTHCHECK)], env=env, capture_output=True, timeout=10).returncode
 
 
@@ -77,7 +78,9 @@ def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], *args: str, **kwa
         "MASKFORMER_CACHE_DIR": str(tmp / "cache"),
         "MASKFORMER_HOST": "127.0.0.1",
         "MASKFORMER_THREADS": "1",
+        "TMPDIR": str(tmp / "tmp"),  # where the start writes the served port for the healthcheck
     }
+    (tmp / "tmp").mkdir(exist_ok=True)
     # cwd outside the source tree: `python -m` would otherwise import the checkout, not the installed copy
     return subprocess.Popen([str(SCRIPTS[1]), *args], env={**base, **image_env, **env}, cwd=tmp, text=True, **kwargs)
 
@@ -85,10 +88,12 @@ def run_entrypoint(venv: Path, tmp: Path, env: dict[str, str], *args: str, **kwa
 def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"MASKFORMER_PORT": str(port)}
+    image_port = free_port()  # MASKFORMER_PORT says this; the --port flag wins, and the healthcheck follows it
+    env = {"MASKFORMER_PORT": str(image_port)}
     # arguments after the image name are serve's flags
+    args = ["--port", str(port), "--max-batch-size", "2"]
     with open(tmp_path / "entrypoint.log", "w") as log:
-        proc = run_entrypoint(venv, tmp_path, env, "--max-batch-size", "2", stdout=log, stderr=subprocess.STDOUT)
+        proc = run_entrypoint(venv, tmp_path, env, *args, stdout=log, stderr=subprocess.STDOUT)
     seen_loading = False
     try:
         deadline = time.monotonic() + 120
@@ -105,7 +110,8 @@ def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
                 pass
             time.sleep(0.2)
         assert seen_loading, "never saw /healthz 200 with /readyz 503 during the ONNX export"
-        assert healthcheck(port) == 0
+        assert healthcheck(image_port, tmp_path / "tmp") == 0
+        assert healthcheck(image_port) == 1  # without the port file it would probe MASKFORMER_PORT: nothing there
         r = httpx.post(f"{url}/segment", files={"image": ("x.png", encode(rgb(60, 80), "PNG"))}, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
@@ -117,13 +123,14 @@ def test_entrypoint_serves_the_bundled_model_on_cpu(venv, tmp_path):
         assert list((tmp_path / "cache").glob("*.onnx"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its drain
-        assert healthcheck(port) == 1
+        assert healthcheck(image_port, tmp_path / "tmp") == 1
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     text = (tmp_path / "entrypoint.log").read_text()
     assert "maskformer entrypoint: model: the bundled default" in text
+    assert f"maskformer entrypoint: port: {port}\n" in text
     assert str(venv) in subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import service; print(service.__file__)"],
         capture_output=True, text=True, cwd=tmp_path,
@@ -161,6 +168,23 @@ def two_checkpoints(tmp: Path) -> dict[str, str]:
 def test_entrypoint_refuses_bad_configuration_with_one_line(venv, tmp_path, env, message):
     env = env(tmp_path) if callable(env) else env
     proc = run_entrypoint(venv, tmp_path, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out + err
+    assert err.startswith("maskformer entrypoint: error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cache-dir", "/proc/cache"], "cache directory /proc/cache is not writable"),
+        (["--port", "eighty"], "--port: Input should be a valid integer"),
+        (["--weights", "/models/missing.safetensors"], "--weights=/models/missing.safetensors: no such file"),
+        (["--max-batchsize", "4"], "unrecognized arguments: --max-batchsize 4"),
+    ],
+)
+def test_entrypoint_checks_serve_flags_too(venv, tmp_path, args, message):
+    proc = run_entrypoint(venv, tmp_path, {}, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2, out + err
     assert err.startswith("maskformer entrypoint: error: ") and message in err, err
