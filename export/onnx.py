@@ -5,6 +5,7 @@ float32; the cast and the normalisation with the checkpoint's mean/std happen in
 static (by default the checkpoint's input size), so positional encodings and attention shapes are
 constants for TensorRT; only the batch varies. The outputs are the raw `pred_logits` [N, Q, K+1] and
 `pred_masks` [N, Q, H/4, W/4]: post-processing stays outside, so one graph serves every task.
+`fp16=True` exports the FP16 graph of export/onnx_fp16.py instead (outputs still float32).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 INPUT = "images"
 OUTPUTS = ("pred_logits", "pred_masks")
 MAX_ABS_DIFF = 1e-3
+MIN_FP16_AGREEMENT = 0.99  # FP16 graphs pass on semantic agreement; their diffs are reported
 
 
 class ExportWrapper(nn.Module):
@@ -49,6 +51,9 @@ class ParityReport:
     batches: dict[str, dict[str, float]]  # batch size -> max abs diffs and semantic agreement
     max_abs_diff: float
     passed: bool
+    precision: str = "fp32"
+    pass_rule: str = f"max_abs_diff <= {MAX_ABS_DIFF}"
+    node_precision: dict[str, dict[str, int]] = field(default_factory=dict)  # dtype -> op type -> nodes
 
 
 def export_onnx(
@@ -58,9 +63,12 @@ def export_onnx(
     max_batch: int = 16,
     opset: int = 18,
     simplify: bool = True,
+    fp16: bool = False,
 ) -> Path:
     """Write `out` (a .onnx file) with the model's metadata in the graph's metadata_props."""
     import onnx
+
+    from export.onnx_fp16 import half_model
 
     out = Path(out)
     size = size or model.cfg.input_size
@@ -70,7 +78,7 @@ def export_onnx(
     example = torch.zeros(2, 3, *size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     program = torch.onnx.export(
-        ExportWrapper(model).eval(),
+        ExportWrapper(half_model(model) if fp16 else model).eval(),
         (example,),
         dynamo=True,
         input_names=[INPUT],
@@ -90,6 +98,7 @@ def export_onnx(
         "maskformer.info": json.dumps(asdict(info)) if info else "",
         "maskformer.input_size": json.dumps(list(size)),
         "maskformer.input_dtype": "uint8",
+        "maskformer.precision": "fp16" if fp16 else "fp32",
     }
     del graph.metadata_props[:]
     for key, value in meta.items():
@@ -112,8 +121,9 @@ def _simplify(graph):
 def parity_report(
     model: MaskFormer, onnx_path: str | Path, batches: tuple[int, ...] = (1, 4), seed: int = 0
 ) -> ParityReport:
-    """ONNX Runtime (CPU) against PyTorch on the same random uint8 images, per batch size: the max abs
-    diff of both outputs and the share of pixels whose semantic label agrees."""
+    """ONNX Runtime (CPU) against PyTorch (float32) on the same random uint8 images, per batch size: the
+    max abs diff of both outputs and the share of pixels whose semantic label agrees. An FP32 graph passes
+    on the max diff, an FP16 one on the agreement; its report also counts the nodes per dtype."""
     import onnx
     import onnxruntime as ort
 
@@ -123,21 +133,13 @@ def parity_report(
     shape: list[int | str] = [d.dim_param or d.dim_value for d in dims]
     size = (int(shape[2]), int(shape[3]))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    isthing = model.info.isthing if model.info else [True] * model.cfg.num_classes
     g = torch.Generator().manual_seed(seed)
-    results: dict[str, dict[str, float]] = {}
-    for n in batches:
-        images = torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=g)
-        with torch.no_grad():
-            ref = ExportWrapper(model.eval().cpu())(images)
-        got = session.run(list(OUTPUTS), {INPUT: images.numpy()})
-        diffs = {name: float(np.abs(o - r.numpy()).max()) for name, o, r in zip(OUTPUTS, got, ref)}
-        ours = postprocess(dict(zip(OUTPUTS, ref)), "semantic", isthing)
-        theirs = postprocess({k: torch.from_numpy(v) for k, v in zip(OUTPUTS, got)}, "semantic", isthing)
-        agree = np.mean([(a.label_map() == b.label_map()).float().mean().item() for a, b in zip(ours, theirs)])
-        results[str(n)] = {**{f"max_abs_diff_{k}": v for k, v in diffs.items()}, "semantic_agreement": float(agree)}
+    results = {
+        str(n): compare(model, session, torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=g))
+        for n in batches
+    }
     worst = max(v for r in results.values() for k, v in r.items() if k.startswith("max_abs_diff"))
-    return ParityReport(
+    report = ParityReport(
         onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         input_shape=shape,
         opset=int(graph.opset_import[0].version),
@@ -145,6 +147,36 @@ def parity_report(
         max_abs_diff=worst,
         passed=worst <= MAX_ABS_DIFF,
     )
+    if onnx_precision(graph) == "fp16":
+        from export.onnx_fp16 import node_precision
+
+        report.precision = "fp16"
+        report.pass_rule = f"semantic_agreement >= {MIN_FP16_AGREEMENT}"
+        report.passed = min(r["semantic_agreement"] for r in results.values()) >= MIN_FP16_AGREEMENT
+        report.node_precision = node_precision(graph)
+    return report
+
+
+def compare(model: MaskFormer, session, images: Tensor) -> dict[str, float]:
+    """One uint8 batch through ONNX Runtime and PyTorch: max abs diff of both outputs, semantic agreement."""
+    isthing = model.info.isthing if model.info else [True] * model.cfg.num_classes
+    with torch.no_grad():
+        ref = ExportWrapper(model.eval().cpu())(images)
+    got = session.run(list(OUTPUTS), {INPUT: images.numpy()})
+    diffs = {name: float(np.abs(o - r.numpy()).max()) for name, o, r in zip(OUTPUTS, got, ref)}
+    ours = postprocess(dict(zip(OUTPUTS, ref)), "semantic", isthing)
+    theirs = postprocess({k: torch.from_numpy(v) for k, v in zip(OUTPUTS, got)}, "semantic", isthing)
+    agree = np.mean([(a.label_map() == b.label_map()).float().mean().item() for a, b in zip(ours, theirs)])
+    return {**{f"max_abs_diff_{k}": v for k, v in diffs.items()}, "semantic_agreement": float(agree)}
+
+
+def onnx_precision(graph_or_path) -> str:
+    """The graph's precision: fp16 from `export_onnx(fp16=True)`, else fp32 (also where the key is absent)."""
+    import onnx
+
+    if isinstance(graph_or_path, (str, Path)):
+        graph_or_path = onnx.load(str(graph_or_path), load_external_data=False)
+    return {p.key: p.value for p in graph_or_path.metadata_props}.get("maskformer.precision", "fp32")
 
 
 def write_report(report: ParityReport, onnx_path: str | Path) -> Path:

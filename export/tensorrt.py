@@ -3,7 +3,8 @@ was built for (so a cached engine is reused only on a matching node).
 
 TensorRT 10.x: FP16 through BuilderFlag.FP16, with LayerNorm, softmax and the final mask product pinned
 to FP32 (their FP16 ranges overflow). TensorRT 11 removed BuilderFlag.FP16 in favour of strongly typed
-networks, which take their precision from the ONNX itself; FP32 engines build on both.
+networks, which take their precision from the ONNX itself: an FP16 ONNX (`export onnx --fp16`, the same
+ops kept in FP32) builds strongly typed on either version. FP32 engines build on both.
 """
 
 from __future__ import annotations
@@ -127,18 +128,21 @@ def build_engine(
 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch}) batch")
-    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
-    if fp16 and not has_fp16_flag:
+    from export.onnx import onnx_precision
+
+    typed = onnx_precision(onnx_path) == "fp16"  # the graph carries its precision: a strongly typed network
+    if fp16 and not typed and not hasattr(trt.BuilderFlag, "FP16"):
         raise ValueError(
             f"TensorRT {trt.__version__} has no BuilderFlag.FP16: it builds strongly typed networks from an "
-            "FP16 ONNX, which `maskformer export onnx` does not produce yet; build FP32 (without --fp16)"
+            "FP16 ONNX; export one with `maskformer export onnx --fp16`"
         )
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT needs a CUDA GPU")
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10+
+    # explicit batch is the only mode in TensorRT 10+
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -155,7 +159,7 @@ def build_engine(
         INPUT, trt.Dims([min_batch, c, h, w]), trt.Dims([opt_batch, c, h, w]), trt.Dims([max_batch, c, h, w])
     )
     config.add_optimization_profile(profile)
-    if fp16:
+    if fp16 and not typed:  # strongly typed networks refuse precision flags and per-layer precisions
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         log.info("pinned %d layers to FP32", _keep_fp32(network))
@@ -188,7 +192,7 @@ def build_engine(
         onnx_sha256=sha256(onnx_path),
         input_shape=[c, h, w],
         profile={"min": min_batch, "opt": opt_batch, "max": max_batch},
-        precision="fp16" if fp16 else "fp32",
+        precision="fp16" if fp16 or typed else "fp32",
     )
     sidecar.write(out)
     return sidecar

@@ -83,7 +83,8 @@ def shifted_window_attention(
         attn = attn.view(B, nw, num_heads, ws * ws, ws * ws) + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(B * nw, num_heads, ws * ws, ws * ws)
 
-    attn = F.dropout(attn.softmax(dim=-1), p=attention_dropout, training=training)
+    # Softmax in float32 (see model/transformer.py); a no-op for float32 models
+    attn = F.dropout(attn.float().softmax(dim=-1).to(v.dtype), p=attention_dropout, training=training)
     x = attn.matmul(v).transpose(1, 2).reshape(B * nw, ws * ws, C)
     x = F.dropout(proj(x), p=dropout, training=training)
 

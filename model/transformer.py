@@ -30,7 +30,9 @@ class MultiheadAttention(nn.Module):
         q = self.q_proj(query).view(b, lq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(b, lk, self.num_heads, self.head_dim).transpose(1, 2)
-        attn = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)).softmax(dim=-1)
+        # Softmax in float32, where FP16 overflows; a no-op for float32 models. `.float()` rather than
+        # softmax(dtype=) because the ONNX exporter drops the latter's upcast.
+        attn = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1)).float().softmax(dim=-1).to(v.dtype)
         attn = F.dropout(attn, p=self.dropout, training=self.training)
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, lq, c)
         return self.out_proj(out)
