@@ -120,6 +120,54 @@ def test_upload_draws_the_overlay_in_the_browser(server, tmp_path):
             np.testing.assert_array_equal(canvas, np.asarray(prediction.overlay(sample.image, labels=False)), task)
 
 
+# The page's next POST /segment answer is held back 1.5 s (the fetch still runs; only its answer is late).
+DELAY_NEXT_ANSWER = """() => {
+  const real = window.fetch;
+  let held = false;
+  window.fetch = (url, options) => {
+    const answer = real(url, options);
+    if (held || !String(url).startsWith("segment")) return answer;
+    held = true;
+    return answer.then((r) => new Promise((resolve) => setTimeout(() => resolve(r), 1500)));
+  };
+}"""
+
+
+def test_only_the_latest_request_draws(server, tmp_path):
+    # Changing the task while a request is in flight: the older answer, arriving last, must not draw.
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").sync_playwright
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (./scripts/setup.sh --tests does, as root with apt)")
+    sample = generate(SEED)
+    image_path = tmp_path / "shapes.png"
+    Image.fromarray(sample.image).save(image_path)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
+        try:
+            page = context.new_page()
+            page.goto(f"{server}/")
+            page.set_input_files("#file", str(image_path))
+            canvas_when_done(page, sample.image.shape[:2])
+            page.evaluate(DELAY_NEXT_ANSWER)
+            page.select_option("#task", "instance")  # its answer comes late
+            page.select_option("#task", "semantic")
+            semantic = canvas_when_done(page, sample.image.shape[:2])
+            assert "(semantic, " in page.inner_text("#status")
+            page.wait_for_timeout(2500)  # the instance answer has arrived by now
+            assert "(semantic, " in page.inner_text("#status"), page.inner_text("#status")
+            assert page.get_attribute("body", "data-state") == "done"
+            np.testing.assert_array_equal(canvas_when_done(page, sample.image.shape[:2]), semantic)
+            rows = page.locator("#segments tbody tr").count()
+        finally:
+            context.close()
+    with Client(server) as client:
+        prediction = client.segment(image_path, task="semantic", threshold=0.5)
+    assert rows == len(prediction.segments)
+    np.testing.assert_array_equal(semantic, np.asarray(prediction.overlay(sample.image, labels=False)))
+
+
 def canvas_when_done(page, size: tuple[int, int]) -> np.ndarray:
     """The canvas's RGB pixels once the page has drawn the overlay."""
     page.wait_for_function("['done', 'error'].includes(document.body.dataset.state)", timeout=30_000)
