@@ -53,10 +53,14 @@ def error_response(err: ApiError) -> FastJSON:
 
 
 class Guard:
-    """Pure ASGI middleware: the optional API key, and request counts and latency per endpoint."""
+    """Pure ASGI middleware: the optional API key, request counts and latency per endpoint, and while
+    draining `Connection: close`, so keep-alive clients reconnect (elsewhere) instead of reusing a
+    connection the server is about to close under them."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Metrics, endpoints: frozenset[str]):
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, metrics: Metrics, endpoints: frozenset[str], status: dict[str, Any]
+    ):
+        self.app, self.metrics, self.endpoints, self.status = app, metrics, endpoints, status
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,6 +74,8 @@ class Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if self.status["draining"]:
+                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
             await send(message)
 
         try:
@@ -202,8 +208,8 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
 
     async def serve_images(request: Request, opts: Options, many: bool) -> list[dict[str, Any]]:
         deadline = time.monotonic() + settings.request_timeout_s
-        if state["draining"] or not state["ready"]:
-            raise errors.not_ready("the server is draining" if state["draining"] else "the model is still loading")
+        if not state["ready"]:  # while draining, requests that still arrive are served (drain_grace_s)
+            raise errors.not_ready("the model is still loading")
         images = await read_images(request, settings, many)
         work: asyncio.Future[Any] = asyncio.gather(*(pipeline.segment(data, opts, deadline) for data in images))
         gone: asyncio.Future[Any] = asyncio.create_task(until_disconnected(request))
@@ -279,5 +285,6 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
         metrics=metrics,
         endpoints=frozenset(getattr(r, "path", "") for r in app.routes),  # the routes exist now
+        status=state,
     )
     return app

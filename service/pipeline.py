@@ -59,6 +59,7 @@ class Pipeline:
         """Create the backend and run every batch size once (blocking; call from a thread)."""
         start = time.perf_counter()
         backend = create_backend(self.settings, self.weights, self.cfg)
+        self.check_outputs(backend)
         if self.settings.warmup:
             self.warm_batch_sizes = backend.warmup(self.cfg.input_size)
         self.backend = backend
@@ -70,6 +71,18 @@ class Pipeline:
             time.perf_counter() - start,
             self.warm_batch_sizes,
         )
+
+    def check_outputs(self, backend: Backend) -> None:
+        """One forward pass: a model file that is not this checkpoint's (a foreign or stale export in the
+        cache) stops start-up here with its shapes, instead of failing or mislabelling requests later."""
+        logits, masks = backend.infer(torch.zeros(1, 3, *self.cfg.input_size, dtype=torch.uint8))
+        want = (1, self.cfg.num_queries, self.cfg.num_classes + 1)
+        if tuple(logits.shape) != want or tuple(masks.shape[:2]) != want[:2]:
+            where = backend.describe().get("onnx") or backend.describe().get("engine") or backend.name
+            raise RuntimeError(
+                f"{where} does not match {self.weights.name}: class logits {tuple(logits.shape)}, expected {want}; "
+                f"if it is a cached export in {self.settings.cache_dir}, delete it and the next start exports it again"
+            )
 
     def start(self) -> None:
         """Start the batcher on the running event loop."""

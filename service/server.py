@@ -1,14 +1,19 @@
 """`maskformer serve`: uvicorn around the app, with readiness that drops the moment SIGTERM arrives.
 
-On SIGTERM or SIGINT, /readyz turns 503 at once (so load balancers stop sending), uvicorn stops accepting
-connections, requests already received (queued or in a batch) are answered, and then the process exits.
+On SIGTERM or SIGINT, /readyz turns 503 at once and every response says `Connection: close`; the server
+keeps serving for `drain_grace_s` (load balancers see the 503 and stop sending, keep-alive clients
+reconnect), then stops accepting connections, answers the requests already received (queued or in a
+batch), and exits. A second signal skips the grace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import socket
+import threading
 from types import FrameType
 
 import uvicorn
@@ -20,12 +25,29 @@ log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, grace_s: float = 0.0) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+        self.grace: threading.Timer | None = None
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         status = getattr(self.config.app, "state", None)
         if status is not None:
             status.status["draining"] = True
+        if self.grace is None and self.grace_s > 0:
+            log.info("signal %d: draining (readiness is now 503); intake stops in %g s", sig, self.grace_s)
+            self.grace = threading.Timer(self.grace_s, super().handle_exit, (sig, frame))
+            self.grace.daemon = True
+            self.grace.start()
+            return
         log.info("signal %d: draining (readiness is now 503)", sig)
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()  # stop accepting first...
+        await asyncio.sleep(0.2)  # ...so a request on a connection accepted just before is read and answered
+        await super().shutdown(sockets)
 
 
 def serve(settings: ServeSettings) -> None:
@@ -46,7 +68,7 @@ def serve(settings: ServeSettings) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    server = DrainingServer(config)
+    server = DrainingServer(config, settings.drain_grace_s)
     server.run()
     if app.state.status["load_error"]:
         raise SystemExit(f"the backend failed to load: {app.state.status['load_error']}")

@@ -36,6 +36,9 @@ class ServeSettings(BaseSettings):
     )
     max_queue_size: int = Field(64, ge=1, description="queued images beyond this are refused with 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+    drain_grace_s: float = Field(
+        2.0, ge=0, description="after SIGTERM, keep serving this long with readiness 503 before intake stops"
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger bodies get 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images get 413, checked before decoding")
     max_batch_images: int = Field(32, ge=1, description="most images one /segment/batch request may carry")

@@ -64,6 +64,7 @@ def weights(tmp_path_factory):
 def test_sigterm_drains_queued_and_in_flight_requests(weights, tmp_path):
     # A long queue delay keeps the requests waiting in the batcher when SIGTERM arrives.
     args = ["--weights", str(weights), "--backend", "torch", "--max-batch-size", "8", "--max-queue-delay-ms", "2000"]
+    args += ["--drain-grace-s", "1"]
     proc, url, log = start(args, tmp_path)
     try:
         wait_ready(proc, url)
@@ -75,8 +76,12 @@ def test_sigterm_drains_queued_and_in_flight_requests(weights, tmp_path):
             ]
             time.sleep(0.7)  # all four are queued now
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            with pytest.raises(httpx.TransportError):  # intake has stopped
+            time.sleep(0.3)
+            ready = httpx.get(f"{url}/readyz", timeout=2)  # within the grace: still listening, not ready
+            assert (ready.status_code, ready.json()["reason"]) == (503, "draining")
+            assert ready.headers["connection"] == "close"
+            time.sleep(1.2)
+            with pytest.raises(httpx.TransportError):  # past the grace, intake has stopped
                 httpx.get(f"{url}/healthz", timeout=2)
             responses = [f.result() for f in futures]
         assert [r.status_code for r in responses] == [200] * 4

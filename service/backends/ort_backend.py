@@ -106,6 +106,7 @@ class OnnxRuntimeBackend(Backend):
         if precision not in ("fp32", "fp16"):  # service/backends/__init__.py's PRECISIONS
             raise ValueError(f"precision {precision} is not supported by the onnxruntime backend (fp32, fp16 only)")
         import onnxruntime as ort
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
 
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
         options = ort.SessionOptions()
@@ -119,7 +120,15 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers(device, precision, cache_dir))
+        try:
+            self.session = ort.InferenceSession(
+                str(onnx_path), options, providers=providers(device, precision, cache_dir)
+            )
+        except (state.InvalidProtobuf, state.InvalidGraph, state.NoModel, state.Fail) as err:
+            raise RuntimeError(
+                f"{onnx_path} is not a usable ONNX file ({err}); if it is a cached export, delete it and the "
+                "next start exports it again"
+            ) from None
         self.onnx_path = onnx_path
 
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,212 @@
+"""Faults the service must survive: a backend that fails one batch or hangs, clients that vanish, SIGTERM
+under load, and a cached ONNX file that is corrupt or belongs to another model.
+
+tests/test_serve_api.py covers the single-request versions (504, 500 then 200, one abandoned request);
+these put several requests in flight at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from export.onnx import export_onnx
+from model.checkpoint import save_model
+from model.maskformer import ModelInfo, build_model
+from service.backends.ort_backend import cached_onnx
+from service.settings import ServeSettings
+from tests.conftest import tiny_config
+from tests.images import encode, rgb
+from tests.live_server import live_server, metric
+from tests.test_serve_process import start, wait_ready
+
+NAMES, THINGS = ["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True]
+PNG = encode(rgb(60, 80), "PNG")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_model(build_model(tiny_config(128), ModelInfo("tiny", NAMES, THINGS)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(weights, tmp_path_factory):
+    settings = ServeSettings(
+        weights=weights,
+        backend="torch",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        max_batch_size=4,
+        max_queue_delay_ms=50,
+        request_timeout_s=20,
+        warmup=False,
+    )
+    with live_server(settings) as (url, app):
+        yield url, app
+
+
+async def post_many(url: str, n: int, timeout: float = 60) -> list[httpx.Response | Exception]:
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        calls = (client.post(f"{url}/segment", files={"image": ("x.png", PNG)}) for _ in range(n))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+
+def swap_infer(app, infer):
+    backend = app.state.pipeline.backend
+    original = backend.infer
+    backend.infer = lambda images: infer(original, images)
+    return lambda: setattr(backend, "infer", original)
+
+
+def statuses(responses) -> list[int | str]:
+    return [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in responses]
+
+
+def test_a_failing_batch_fails_only_its_own_requests(server):
+    url, app = server
+    calls: list[int] = []
+
+    def fail_first(infer, images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            time.sleep(0.3)  # the other requests queue up behind this batch meanwhile
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return infer(images)
+
+    restore = swap_infer(app, fail_first)
+    try:
+        got = statuses(asyncio.run(post_many(url, 8)))
+    finally:
+        restore()
+    failed = calls[0]
+    assert sorted(got) == sorted([500] * failed + [200] * (8 - failed)), (got, calls)
+    assert len(calls) > 1 and httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_a_hung_backend_gets_504s_then_recovers(server):
+    url, app = server
+    settings = app.state.pipeline.settings
+    release = threading.Event()
+
+    def hang(infer, images):
+        release.wait(30)
+        return infer(images)
+
+    restore = swap_infer(app, hang)
+    settings.request_timeout_s = 1.0
+    try:
+        got = statuses(asyncio.run(post_many(url, 6)))
+    finally:
+        settings.request_timeout_s = 20
+        release.set()
+        restore()
+    assert got == [504] * 6
+    assert statuses(asyncio.run(post_many(url, 4))) == [200] * 4  # the worker is free again
+    assert metric(url, "maskformer_queue_depth") == 0
+
+
+def test_abandoned_requests_leave_nothing_queued(server):
+    url, app = server
+    batcher = app.state.pipeline.batcher
+    ran: list[int] = []
+
+    def slow(infer, images):
+        ran.append(len(images))
+        time.sleep(0.5)
+        return infer(images)
+
+    restore = swap_infer(app, slow)
+    try:
+        for _ in range(3):  # rounds, so anything kept per request would add up
+            got = statuses(asyncio.run(post_many(url, 24, timeout=0.2)))
+            assert set(got) == {"ReadTimeout"}
+            time.sleep(1.0)  # the batch that was running finishes; the rest were never run
+    finally:
+        restore()
+    assert sum(ran) <= 3 * 4  # at most the batch already running when its clients left, per round
+    assert batcher.depth() == 0 and metric(url, "maskformer_queue_depth") == 0
+    assert statuses(asyncio.run(post_many(url, 2))) == [200, 200]
+    assert len(batcher.queue) == 0 and batcher.running == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request(weights, tmp_path):
+    args = ["--weights", str(weights), "--backend", "torch", "--max-queue-delay-ms", "20", "--drain-grace-s", "1"]
+    proc, url, log = start(args, tmp_path)
+    results: list[int | str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    results.append(c.post(f"{url}/segment", files={"image": ("x.png", PNG)}).status_code)
+                except httpx.ConnectError:
+                    results.append("refused")  # never accepted: the listening socket is closed
+                    return
+                except httpx.HTTPError as err:
+                    results.append(type(err).__name__)  # accepted, then dropped
+                    return
+
+    try:
+        wait_ready(proc, url)
+        with ThreadPoolExecutor(12) as pool:
+            for _ in range(12):
+                pool.submit(client)
+            time.sleep(3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            ready = httpx.get(f"{url}/readyz", timeout=5)  # readiness is 503 while requests are still served
+            time.sleep(3)  # past the grace: intake stops under the clients
+            stop.set()
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    answered = [r for r in results if r != "refused"]
+    assert answered.count(200) > 12 and set(answered) == {200}, results
+    assert results.count("refused") == 12  # every client ended on a closed listening socket, not a drop
+    assert (ready.status_code, ready.json()["reason"]) == (503, "draining")
+    log.seek(0)
+    text = log.read()
+    # Readiness turns 503 in the signal handler, before uvicorn starts shutting down.
+    assert text.index("draining (readiness is now 503)") < text.index("Shutting down")
+
+
+@pytest.fixture(scope="module")
+def other_model_onnx(tmp_path_factory):
+    """A valid ONNX export of a different model (3 classes instead of 5)."""
+    cfg = tiny_config(128).__class__(**{**tiny_config(128).__dict__, "num_classes": 3})
+    path = tmp_path_factory.mktemp("onnx") / "other.onnx"
+    export_onnx(build_model(cfg, ModelInfo("other", NAMES[:3], THINGS[:3])), path, (128, 128), max_batch=4)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported_cache(weights, tmp_path_factory):
+    """A cache directory holding the checkpoint's ONNX export, as `serve` leaves it after a first start."""
+    cache = tmp_path_factory.mktemp("cache")
+    cached_onnx(weights, cache, (128, 128))
+    return cache
+
+
+@pytest.mark.parametrize("case", ["corrupt", "other-model"])
+def test_a_bad_cached_onnx_stops_start_up_with_its_reason(weights, tmp_path, exported_cache, other_model_onnx, case):
+    shutil.copytree(exported_cache, tmp_path / "cache")  # where `start` points MASKFORMER_CACHE_DIR
+    [cached] = (tmp_path / "cache").glob("*.onnx")
+    cached.write_bytes(b"\x08\x07garbage" * 100 if case == "corrupt" else other_model_onnx.read_bytes())
+    proc, _, log = start(["--weights", str(weights), "--backend", "onnxruntime"], tmp_path)
+    assert proc.wait(timeout=90) != 0  # exits, rather than serving or hanging
+    log.seek(0)
+    text = log.read()
+    assert "cannot serve" in text and cached.name in text and "delete it" in text, text[-3000:]
+    assert "Traceback" not in text.split("cannot serve")[1]  # the reason is the last word, not a stack
