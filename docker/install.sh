@@ -13,7 +13,7 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 
 if [ ! -x "$venv/bin/python" ]; then
-    # --system-site-packages: the NVIDIA base image's TensorRT bindings satisfy the [gpu] extra's tensorrt
+    # --system-site-packages: the gpu extra's TensorRT is the NVIDIA base image's (checked in deps; never pip's)
     "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
 fi
 
@@ -22,15 +22,25 @@ deps)
     reqs=$(mktemp)
     trap 'rm -f "$reqs"' EXIT
     "$venv/bin/python" - "$src/pyproject.toml" "$extras" >"$reqs" <<'PY'
-import sys, tomllib
+import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 extras = [e for e in sys.argv[2].split(",") if e]
 unknown = set(extras) - set(project.get("optional-dependencies", {}))
 if unknown:
     sys.exit(f"unknown extra(s) {sorted(unknown)}; pyproject.toml has {sorted(project['optional-dependencies'])}")
 reqs = project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]
+if "gpu" in extras:  # TensorRT comes from the base image (checked below), never from the package index
+    reqs = [r for r in reqs if re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() != "tensorrt"]
 print("\n".join(["setuptools>=69", *reqs]))  # setuptools builds the package in the app phase
 PY
+    if [[ ,$extras, == *,gpu,* ]]; then
+        # The engines must be built by the base image's TensorRT (the venv sees its system site-packages);
+        # constraints.txt pins no TensorRT, so pip would otherwise pull the newest one from PyPI.
+        if ! "$venv/bin/python" -c 'import sys, tensorrt as t; sys.exit(not (hasattr(t, "Builder") and int(t.__version__.split(".")[0]) >= 10))' 2>/dev/null; then
+            echo "$0: the gpu extra needs TensorRT >= 10 from the base image, importable in $venv (created with --system-site-packages); \`import tensorrt\` fails or finds only stubs. Build FROM an NGC TensorRT image." >&2
+            exit 1
+        fi
+    fi
     "${pip[@]}" install -c "$src/constraints.txt" -r "$reqs"
     if [[ ,$extras, == *,gpu,* ]]; then
         # onnxruntime and onnxruntime-gpu share the `onnxruntime` module; keep only the GPU build's files

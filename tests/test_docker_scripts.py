@@ -142,6 +142,15 @@ def test_install_refuses_an_unknown_extra(venv):
     assert result.returncode != 0 and "unknown extra(s) ['cuda']" in result.stderr
 
 
+def test_install_gpu_needs_the_base_images_tensorrt(venv):
+    # No TensorRT here (at most its type stubs): the gpu extra fails before pip installs anything, rather than
+    # pulling the newest TensorRT from the package index.
+    result = subprocess.run([str(SCRIPTS[0]), "deps", str(venv), "gpu"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the gpu extra needs TensorRT >= 10 from the base image" in result.stderr
+    assert result.stdout == "", result.stdout  # pip never ran
+
+
 def two_checkpoints(tmp: Path) -> dict[str, str]:
     (tmp / "models").mkdir()
     for name in ("a.safetensors", "b.safetensors"):
