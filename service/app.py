@@ -53,8 +53,8 @@ def error_response(err: ApiError) -> FastJSON:
 
 
 class Guard:
-    """Pure ASGI middleware: the optional API key, request counts and latency per endpoint, and while
-    draining `Connection: close`, so keep-alive clients reconnect (elsewhere) instead of reusing a
+    """Pure ASGI middleware: the optional API key, request counts and latency per endpoint, nosniff, and
+    while draining `Connection: close`, so keep-alive clients reconnect (elsewhere) instead of reusing a
     connection the server is about to close under them."""
 
     def __init__(
@@ -74,8 +74,10 @@ class Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                extra = [(b"x-content-type-options", b"nosniff")]  # a body is only what its type says
                 if self.status["draining"]:
-                    message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:

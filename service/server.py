@@ -66,6 +66,7 @@ def serve(settings: ServeSettings) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        server_header=False,  # no "server: uvicorn" for fingerprinting
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
     server = DrainingServer(config, settings.drain_grace_s)

@@ -176,6 +176,7 @@ def test_sigterm_under_load_answers_every_accepted_request(weights, tmp_path):
     assert answered.count(200) > 12 and set(answered) == {200}, results
     assert results.count("refused") == 12  # every client ended on a closed listening socket, not a drop
     assert (ready.status_code, ready.json()["reason"]) == (503, "draining")
+    assert "server" not in ready.headers  # `serve` does not advertise uvicorn
     log.seek(0)
     text = log.read()
     # Readiness turns 503 in the signal handler, before uvicorn starts shutting down.
