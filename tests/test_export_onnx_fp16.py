@@ -1,5 +1,5 @@
 """FP16 ONNX for TensorRT's strongly typed networks: strict type inference, which ops run in FP32, and
-parity with the float32 PyTorch model through ONNX Runtime (CPU)."""
+parity with the float32 PyTorch model through ONNX Runtime (CPU) and ONNX's reference evaluator."""
 
 import json
 
@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 from torch import nn
 
 from export.onnx import compare, export_onnx, onnx_precision
@@ -56,7 +57,13 @@ def test_shipped_model(tmp_path):
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     images = torch.from_numpy(np.stack([generate(VAL_SEED + i).image.transpose(2, 0, 1) for i in range(4)]))
-    result = compare(load_model(), session, images)
+    model = load_model()
+    result = compare(model, session, images)  # measured: 99.99 % agreement, max logits diff 1.0e-2
+    assert result["semantic_agreement"] >= 0.99
+    assert result["max_abs_diff_pred_logits"] < 0.05
+    # ORT's CPU provider computes most FP16 ops in FP32 behind casts it inserts; ONNX's reference
+    # evaluator runs every op in numpy on the FP16 arrays themselves (one image: about 13 s)
+    result = compare(model, ReferenceEvaluator(str(out)), images[:1])  # measured: 99.99 %, 5.5e-3
     assert result["semantic_agreement"] >= 0.99
     assert result["max_abs_diff_pred_logits"] < 0.05
 
