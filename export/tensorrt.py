@@ -131,6 +131,8 @@ def build_engine(
     from export.onnx import onnx_precision
 
     typed = onnx_precision(onnx_path) == "fp16"  # the graph carries its precision: a strongly typed network
+    if typed and not fp16:  # the sidecar's precision must be the one asked for (service/engine_cache.py)
+        raise ValueError(f"{onnx_path} is an FP16 graph, which builds FP16 engines only: pass --fp16")
     if fp16 and not typed and not hasattr(trt.BuilderFlag, "FP16"):
         raise ValueError(
             f"TensorRT {trt.__version__} has no BuilderFlag.FP16: it builds strongly typed networks from an "
@@ -192,7 +194,7 @@ def build_engine(
         onnx_sha256=sha256(onnx_path),
         input_shape=[c, h, w],
         profile={"min": min_batch, "opt": opt_batch, "max": max_batch},
-        precision="fp16" if fp16 or typed else "fp32",
+        precision="fp16" if fp16 else "fp32",
     )
     sidecar.write(out)
     return sidecar

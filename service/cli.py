@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--fp16",
         action="store_true",
-        help="FP16 with LayerNorm, softmax and the mask product in FP32 (TensorRT 10); implied by an FP16 ONNX",
+        help="FP16 with LayerNorm, softmax and the mask product in FP32 (TensorRT 10); needed for an FP16 ONNX",
     )
     e.add_argument("--workspace-gib", type=float, default=4.0)
     e.add_argument("--timing-cache", type=Path, help="read and update this timing cache file")

@@ -96,7 +96,7 @@ def test_strongly_typed_engine(tmp_path):  # pragma: no cover - runs only where 
 
     onnx_path, engine = tmp_path / "m.fp16.onnx", tmp_path / "m.engine"
     assert cli(["export", "onnx", "--out", str(onnx_path), "--max-batch", "4", "--fp16"]) == 0
-    args = ["--onnx", str(onnx_path), "--out", str(engine), "--max-batch", "4", "--verify"]
+    args = ["--onnx", str(onnx_path), "--out", str(engine), "--max-batch", "4", "--fp16", "--verify"]
     assert cli(["export", "tensorrt", *args]) == 0
     assert EngineSidecar.read(engine).precision == "fp16"
     verify = json.loads((tmp_path / "m.engine.verify.json").read_text())
