@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=60, help="seconds before RSS growth is measured")
     p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth after warm-up")
     p.add_argument("--image-size", type=int, default=256, help="side of the valid images sent")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8766, help="port for the server it starts (bench uses 8765)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"), help="where the figures go")
     p.add_argument("serve_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_soak)

@@ -263,7 +263,7 @@ def soak(
     warmup_s: float = 60,
     max_rss_growth: float = 0.10,
     image_size: int = 256,
-    port: int = 8765,
+    port: int = 8766,
     serve_args: list[str] | None = None,
     progress: Any = print,
 ) -> tuple[dict, list[str]]:
