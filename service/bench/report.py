@@ -94,12 +94,14 @@ def plot(report: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for s in server["servers"]:
+    for i, s in enumerate(server["servers"]):
         rows = [r for r in s["rows"] if r["ok"]]
         cs = [r["concurrency"] for r in rows]
-        ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", label=s["name"])
+        color = f"C{i}"
+        ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", color=color, label=s["name"])
         for q, style in (("p50", "-"), ("p99", "--")):
-            ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", label=f"{s['name']} {q}")
+            ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", color=color, label=f"{s['name']} {q}")
+    ax1.set_ylim(bottom=0)
     for ax, ylabel in ((ax1, "images / s"), (ax2, "latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(server_levels(server), [str(c) for c in server_levels(server)])
