@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU comparison in benchmarks/results/cpu/: our server against the transformers baseline on the same
 # random-init R50 weights (ADE20K's 150 classes, 512x512), then post-processing on the same logits.
-# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (about 15 minutes on 2 cores; run it on an otherwise idle machine)
+# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (about 7 minutes on 2 cores; run it on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/cpu}
