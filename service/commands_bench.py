@@ -40,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("server level")
     g.add_argument("--skip-server", action="store_true")
     g.add_argument("--url", help="measure this running server instead of starting `maskformer serve`")
+    g.add_argument("--api-key", help="bearer token for a --url server that requires one")
     g.add_argument("--serve-args", default="", help="extra `maskformer serve` flags, e.g. '--backend torch'")
     g.add_argument("--baseline", type=Path, help="transformers model directory: also measure the naive baseline")
     g.add_argument("--port", type=int, default=8765, help="port for the servers this command starts")
@@ -80,7 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         level = (args.task, args.concurrency, args.requests, args.seconds)
         if args.url:
             print(f"server level: {args.url}")
-            servers.append({"name": "maskformer", "url": args.url, "rows": load.sweep(args.url, images, *level)})
+            rows = load.sweep(args.url, images, *level, api_key=args.api_key)
+            servers.append({"name": "maskformer", "url": args.url, "rows": rows})
         else:
             url = f"http://127.0.0.1:{args.port}"
             extra = ["--cache-dir", str(args.cache_dir), *shlex.split(args.serve_args)]

@@ -80,3 +80,18 @@ def test_variants_are_checked_before_anything_runs(tmp_path, capsys):
     assert cli(["bench", "--variants", "torch:fp8", "--out", str(tmp_path)]) == 2
     assert "unknown precision 'fp8'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
+    from service.settings import ServeSettings
+    from tests.live_server import live_server
+
+    settings = ServeSettings.model_validate({"backend": "torch", "api_key": "k3y", "max_batch_size": 2})
+    with live_server(settings) as (url, _):
+        for key, status in (("k3y", "200"), ("wrong", "401")):
+            out = tmp_path / key
+            args = ["bench", "--skip-model", "--url", url, "--api-key", key, "--out", str(out)]
+            assert cli([*args, "--concurrency", "2", "--requests", "3", "--image-size", "64"]) == 0
+            (row,) = json.loads((out / "bench.json").read_text())["server"]["servers"][0]["rows"]
+            assert row["requests"] == 3 and row["status"] == {status: 3}
+            assert row["errors"] == (0 if status == "200" else 3)

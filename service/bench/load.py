@@ -53,13 +53,20 @@ async def _batch_totals(client: httpx.AsyncClient) -> tuple[float, float] | None
 
 
 async def run_level(
-    url: str, images: list[bytes], task: str, concurrency: int, max_requests: int, max_seconds: float
+    url: str,
+    images: list[bytes],
+    task: str,
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
+    api_key: str | None = None,
 ) -> dict:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
     sent = 0
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
         before = await _batch_totals(client)
         start = time.perf_counter()
         stop_at = start + max_seconds
@@ -100,14 +107,21 @@ async def run_level(
 
 
 def sweep(
-    url: str, images: list[bytes], task: str, levels: list[int], max_requests: int, max_seconds: float, progress=print
+    url: str,
+    images: list[bytes],
+    task: str,
+    levels: list[int],
+    max_requests: int,
+    max_seconds: float,
+    api_key: str | None = None,
+    progress=print,
 ) -> list[dict]:
     rows = []
     for c in levels:
-        row = asyncio.run(run_level(url, images, task, c, max_requests, max_seconds))
+        row = asyncio.run(run_level(url, images, task, c, max_requests, max_seconds, api_key))
         progress(
             f"  concurrency {c}: {row['img_per_s']} img/s, p50 {row.get('p50_ms')} ms, p99 {row.get('p99_ms')} ms, "
-            f"avg batch {row['avg_batch']}, errors {row['errors']}"
+            f"avg batch {row['avg_batch']}, errors {row['errors']} {row['status']}"
         )
         rows.append(row)
     return rows

@@ -95,7 +95,9 @@ def plot(report: dict, path: Path) -> bool:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, s in enumerate(server["servers"]):
-        rows = [r for r in s["rows"] if r["ok"]]
+        rows = [r for r in s["rows"] if r["ok"]]  # a level where every request failed has no latencies
+        if not rows:
+            continue
         cs = [r["concurrency"] for r in rows]
         color = f"C{i}"
         ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", color=color, label=s["name"])
@@ -109,7 +111,8 @@ def plot(report: dict, path: Path) -> bool:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    ax2.set_yscale("log")
+    if ax2.lines:
+        ax2.set_yscale("log")
     fig.suptitle(f"POST /segment?task={server['task']}, {server['image_size']}px")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
