@@ -221,6 +221,8 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             gone.cancel()
         if not work.done():  # the client disconnected: drop its queued images
             work.cancel()
+            # The gather ends with CancelledError; read it, or asyncio logs an ERROR per disconnect.
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise ApiError(499, "client_closed", "the client closed the connection")
         return work.result()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pathlib import Path
 def cmd_soak(args: argparse.Namespace) -> int:
     from service.soak import soak
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
     result, problems = soak(
         args.out,

@@ -233,7 +233,7 @@ def report(result: dict) -> str:
     lines = [
         f"# Soak: {result['concurrency']} clients for {result['seconds']} s",
         "",
-        f"`maskformer serve {' '.join(result['serve_args'])}` on loopback: "
+        f"`{' '.join(['maskformer serve', *result['serve_args']])}` on loopback: "
         f"{'passed' if result['passed'] else 'FAILED'}.",
         "",
         f"- requests: {result['requests']} ({result['ok_per_s']} answered 200 per second)",
