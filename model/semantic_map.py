@@ -39,7 +39,7 @@ def semantic_map(
     candidates = cheap.t().topk(min(3, k), 1).indices.unique()
     weights = torch.cat([probs[:, candidates], probs.sum(1, keepdim=True)], 1)  # [Q, C + 1]
     sums = masks.new_zeros(weights.shape[1], orig_size[0] * orig_size[1])  # [C + 1, HW]
-    chunk = len(masks) if masks.is_cuda else QUERY_CHUNK
+    chunk = max(len(masks), 1) if masks.is_cuda else QUERY_CHUNK
     for start in range(0, len(masks), chunk):
         full = resize_mask_logits(masks[start : start + chunk], input_size, image_size, orig_size)
         sums.addmm_(weights[start : start + chunk].t(), full.flatten(1).sigmoid_())
