@@ -136,6 +136,11 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
+        try:  # something already answering there would be measured instead of the server started here
+            httpx.get(f"{self.url}/healthz", timeout=1)
+            raise RuntimeError(f"{self.url} is already in use; pick another --port")
+        except httpx.TransportError:
+            pass
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
