@@ -34,6 +34,30 @@ FLAGS = [
 SEED = VAL_SEED + 3
 
 
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's Chromium through Playwright, with a fresh profile; skips where either is missing."""
+    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").sync_playwright
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (./scripts/setup.sh --tests does, as root with apt)")
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def sample_png(tmp_path):
+    """The shapes scene the tests upload, and its PNG file."""
+    sample = generate(SEED)
+    image_path = tmp_path / "shapes.png"
+    Image.fromarray(sample.image).save(image_path)
+    return sample, image_path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     settings = ServeSettings(backend="torch", cache_dir=tmp_path_factory.mktemp("cache"), max_batch_size=1)
@@ -60,48 +84,35 @@ def interior_points(segment_map: np.ndarray) -> dict[int, tuple[int, int]]:
     return points
 
 
-def test_upload_draws_the_overlay_in_the_browser(server, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").sync_playwright
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (./scripts/setup.sh --tests does, as root with apt)")
-    sample = generate(SEED)
-    image_path = tmp_path / "shapes.png"
-    Image.fromarray(sample.image).save(image_path)
+def test_upload_draws_the_overlay_in_the_browser(server, browser, tmp_path):
+    sample, image_path = sample_png(tmp_path)
+    page = browser.new_page()
+    page.goto(f"{server}/")
+    page.select_option("#task", "semantic")
+    page.set_input_files("#file", str(image_path))
+    semantic = canvas_when_done(page, sample.image.shape[:2])
 
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
-        )
-        try:
-            page = context.new_page()
-            page.goto(f"{server}/")
-            page.select_option("#task", "semantic")
-            page.set_input_files("#file", str(image_path))
-            semantic = canvas_when_done(page, sample.image.shape[:2])
+    # Hovering a segment names it.
+    points = interior_points(sample.segment_map)
+    y, x = points[1]  # sky
+    box = page.locator("canvas").bounding_box()
+    assert box is not None
+    scale = box["width"] / sample.image.shape[1]
+    page.mouse.move(box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale)
+    assert page.inner_text("#tip").startswith("sky ")
 
-            # Hovering a segment names it.
-            points = interior_points(sample.segment_map)
-            y, x = points[1]  # sky
-            box = page.locator("canvas").bounding_box()
-            assert box is not None
-            scale = box["width"] / sample.image.shape[1]
-            page.mouse.move(box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale)
-            assert page.inner_text("#tip").startswith("sky ")
+    page.select_option("#task", "panoptic")  # segments again, now with instance outlines
+    panoptic = canvas_when_done(page, sample.image.shape[:2])
+    page.select_option("#task", "instance")  # overlapping masks; the page proposes threshold 0.5
+    instance = canvas_when_done(page, sample.image.shape[:2])
 
-            page.select_option("#task", "panoptic")  # segments again, now with instance outlines
-            panoptic = canvas_when_done(page, sample.image.shape[:2])
-            page.select_option("#task", "instance")  # overlapping masks; the page proposes threshold 0.5
-            instance = canvas_when_done(page, sample.image.shape[:2])
-
-            # Counts far beyond a 256x256 image's (more 5-bit groups, large negative deltas) decode too.
-            big = np.zeros((3000, 4000), np.uint8)
-            big[5:2990, 7:3990] = 1
-            big[1000:1001, 100:3000] = 0
-            big[2999, 3999] = 1
-            counts = mask_utils.encode(np.asfortranarray(big))["counts"].decode()
-            assert page.evaluate(f"rleCounts({json.dumps(counts)})") == rle_counts_from_map(big, [1])[0]
-        finally:
-            context.close()
+    # Counts far beyond a 256x256 image's (more 5-bit groups, large negative deltas) decode too.
+    big = np.zeros((3000, 4000), np.uint8)
+    big[5:2990, 7:3990] = 1
+    big[1000:1001, 100:3000] = 0
+    big[2999, 3999] = 1
+    counts = mask_utils.encode(np.asfortranarray(big))["counts"].decode()
+    assert page.evaluate(f"rleCounts({json.dumps(counts)})") == rle_counts_from_map(big, [1])[0]
 
     # Where the shapes generator put a segment, the canvas shows that class's palette colour blended in.
     category = {s["id"]: s["category_id"] for s in sample.segments}
@@ -133,35 +144,23 @@ DELAY_NEXT_ANSWER = """() => {
 }"""
 
 
-def test_only_the_latest_request_draws(server, tmp_path):
+def test_only_the_latest_request_draws(server, browser, tmp_path):
     # Changing the task while a request is in flight: the older answer, arriving last, must not draw.
-    sync_playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed").sync_playwright
-    if shutil.which(CHROMIUM) is None:
-        pytest.skip(f"no {CHROMIUM}: install Debian's chromium (./scripts/setup.sh --tests does, as root with apt)")
-    sample = generate(SEED)
-    image_path = tmp_path / "shapes.png"
-    Image.fromarray(sample.image).save(image_path)
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=FLAGS
-        )
-        try:
-            page = context.new_page()
-            page.goto(f"{server}/")
-            page.set_input_files("#file", str(image_path))
-            canvas_when_done(page, sample.image.shape[:2])
-            page.evaluate(DELAY_NEXT_ANSWER)
-            page.select_option("#task", "instance")  # its answer comes late
-            page.select_option("#task", "semantic")
-            semantic = canvas_when_done(page, sample.image.shape[:2])
-            assert "(semantic, " in page.inner_text("#status")
-            page.wait_for_timeout(2500)  # the instance answer has arrived by now
-            assert "(semantic, " in page.inner_text("#status"), page.inner_text("#status")
-            assert page.get_attribute("body", "data-state") == "done"
-            np.testing.assert_array_equal(canvas_when_done(page, sample.image.shape[:2]), semantic)
-            rows = page.locator("#segments tbody tr").count()
-        finally:
-            context.close()
+    sample, image_path = sample_png(tmp_path)
+    page = browser.new_page()
+    page.goto(f"{server}/")
+    page.set_input_files("#file", str(image_path))
+    canvas_when_done(page, sample.image.shape[:2])
+    page.evaluate(DELAY_NEXT_ANSWER)
+    page.select_option("#task", "instance")  # its answer comes late
+    page.select_option("#task", "semantic")
+    semantic = canvas_when_done(page, sample.image.shape[:2])
+    assert "(semantic, " in page.inner_text("#status")
+    page.wait_for_timeout(2500)  # the instance answer has arrived by now
+    assert "(semantic, " in page.inner_text("#status"), page.inner_text("#status")
+    assert page.get_attribute("body", "data-state") == "done"
+    np.testing.assert_array_equal(canvas_when_done(page, sample.image.shape[:2]), semantic)
+    rows = page.locator("#segments tbody tr").count()
     with Client(server) as client:
         prediction = client.segment(image_path, task="semantic", threshold=0.5)
     assert rows == len(prediction.segments)
