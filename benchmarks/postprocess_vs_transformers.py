@@ -26,7 +26,6 @@ from pycocotools import mask as mask_utils
 
 from model import load_model
 from model.data.shapes import VAL_SEED, generate
-from model.mask_resize import resize_mask_logits
 from model.postprocess import postprocess
 from model.semantic_map import semantic_map_reference
 from service.encode import encode_result
@@ -71,7 +70,7 @@ def compare(logits, masks, names: list[str], isthing: list[bool], size: int, tas
                 ours_s.append(t1 - t0)
                 theirs_s.append(t2 - t1)
             if task == "semantic":
-                ref = semantic_map_reference(logits[i], resize_mask_logits(masks[i], input_size, input_size, target))
+                ref = semantic_map_reference(logits[i], masks[i], input_size, input_size, target)
                 hf_map = processor.post_process_semantic_segmentation(one, target_sizes=[target])[0]
                 agree_official.append((res.label_map() == ref).float().mean().item())
                 agree_hf.append((res.label_map() == hf_map).float().mean().item())

@@ -1,7 +1,9 @@
 """Semantic, panoptic and instance results from the same (pred_logits, pred_masks) outputs.
 
-Pure torch, on whatever device the outputs are on. Mask logits are resized as the official code does:
-bilinearly to the padded input size, cropped to the image's region, then bilinearly to its original size.
+Pure torch, on whatever device the outputs are on. Panoptic and instance mask logits are resized as the
+official code does: bilinearly to the padded input size, cropped to the image's region, then bilinearly to
+its original size. Semantic follows the official semantic path, where the class scores take the second
+resize (model/semantic_map.py).
 Panoptic and instance pick their queries from the class scores alone, so only those queries' masks are
 resized; that gives the same result as resizing all of them first.
 """
@@ -105,7 +107,7 @@ def semantic_inference(
 ) -> SegmentationResult:
     """The paper's semantic inference: argmax over classes of sum_q p_q(c) * sigmoid(m_q).
 
-    `masks` are [Q, h, w] stride-4 logits; `sizes` are resize_mask_logits' (input, image, original) sizes.
+    `masks` are [Q, h, w] stride-4 logits; `sizes` are the (input, image, original) sizes.
     One segment per class present; its score is the mean normalised class probability over its pixels.
     """
     labels, score = semantic_map(logits, masks, *sizes)
