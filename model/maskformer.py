@@ -80,6 +80,8 @@ class MaskFormer(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(b, -1, -1)
         hs = self.decoder(torch.zeros_like(query_pos), memory, pos, query_pos)  # [L, B, Q, C]
 
+        if not self.training:
+            hs = hs[-1:]  # inference reads the last layer only: skip the other layers' heads and mask products
         logits = self.class_embed(hs)
         mask_embed = self.mask_embed(hs)
         # [L, B, Q, C] @ [B, C, HW] as one batched matmul (cheaper for TensorRT than an einsum)
