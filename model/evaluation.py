@@ -137,9 +137,16 @@ class ConfusionMatrix:
 
 
 @torch.no_grad()
-def evaluate_panoptic_dataset(model, dataset, limit: int | None = None, batch_size: int = 8) -> dict:
-    """PQ (panoptic inference) and mIoU (semantic inference) of `model` on a CocoPanoptic dataset."""
+def evaluate_panoptic_dataset(
+    model, dataset, limit: int | None = None, batch_size: int = 8, precision: str = "fp32"
+) -> dict:
+    """PQ (panoptic inference) and mIoU (semantic inference) of `model` on a CocoPanoptic dataset.
+
+    For fp16/bf16, pass a model from model.inference.prepare_for_inference; post-processing stays fp32.
+    """
     from tqdm import tqdm
+
+    from model.inference import run
 
     isthing = model.info.isthing
     device = next(model.parameters()).device
@@ -154,7 +161,8 @@ def evaluate_panoptic_dataset(model, dataset, limit: int | None = None, batch_si
         inputs, sizes = zip(
             *(letterbox(torch.from_numpy(image).permute(2, 0, 1).float(), model.cfg.input_size) for image, _, _ in raw)
         )
-        outputs = model(torch.stack(inputs).to(device))
+        logits, masks = run(model, torch.stack(inputs).to(device), device, precision)
+        outputs = {"pred_logits": logits, "pred_masks": masks}
         origs = [image.shape[:2] for image, _, _ in raw]
         panoptic = postprocess(outputs, "panoptic", isthing, image_sizes=sizes, orig_sizes=origs)
         semantic = postprocess(outputs, "semantic", isthing, image_sizes=sizes, orig_sizes=origs)

@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16", "bf16"],
+        default="fp32",
+        help="forward pass precision, as `serve --backend torch` runs it (post-processing stays fp32)",
+    )
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.set_defaults(func=cmd_eval)
 

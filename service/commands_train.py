@@ -85,17 +85,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from model import load_model
     from model.evaluation import evaluate_panoptic_dataset
+    from model.inference import prepare_for_inference
 
     model = load_model(args.weights)
     names = model.info.class_names if model.info else []
     dataset = _dataset(args.format, args.data, args.split)
     if dataset.class_names != names:
         raise ValueError(f"the data's classes {dataset.class_names} are not the model's {names}")
-    report = evaluate_panoptic_dataset(model, dataset, limit=args.limit, batch_size=args.batch_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = prepare_for_inference(model, device, args.precision)
+    report = evaluate_panoptic_dataset(model, dataset, args.limit, args.batch_size, args.precision)
     digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()
     report = {"weights": args.weights.name, "weights_sha256": digest, "split": args.split, **report}
+    report["precision"], report["device"] = args.precision, device.type
     report["per_class_iou"] = dict(zip(names, report["per_class_iou"]))
     s = report["summary"]
     print(f"{'':8}{'PQ':>7}{'SQ':>7}{'RQ':>7}{'N':>4}")

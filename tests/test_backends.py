@@ -37,7 +37,7 @@ def test_torch_backend_equals_the_model_and_warms_every_batch_size(model_and_wei
     assert backend.warmup((128, 128)) == [1, 2, 3]
     x = images(2)
     for got, want in zip(backend.infer(x), reference(model, x)):
-        assert torch.equal(got, want)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)  # batch norms folded: equal up to rounding
 
 
 def test_torch_compile_agrees_with_eager(model_and_weights):

@@ -1,14 +1,17 @@
-"""PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16, optionally with CUDA graphs."""
+"""PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16, optionally with CUDA graphs.
+
+The model is prepared by model/inference.py: batch norms folded, weights cast once, and on a CPU in bf16
+(AMX or AVX512-BF16 only) channels_last activations.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from model.inference import prepare_for_inference, run
 from model.maskformer import MaskFormer
 from service.backends.base import Backend
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TorchBackend(Backend):
@@ -23,22 +26,17 @@ class TorchBackend(Backend):
         compile: bool = False,
         cuda_graphs: bool = False,
     ) -> None:
-        if precision != "fp32" and device.type != "cuda":
-            raise ValueError(f"{precision} needs a CUDA device; use fp32 on the CPU")
         if cuda_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
-        self.dtype = DTYPES[precision]
-        self.model = model.to(device).eval()
+        self.model = prepare_for_inference(model, device, precision)  # ValueError for a precision it can't run
         self.module = torch.compile(self.model, dynamic=False) if compile else self.model
         self.cuda_graphs = cuda_graphs
         # batch size -> (graph, static input, static outputs); captured at warm-up
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, Tensor]]] = {}
 
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.autocast(self.device.type, self.dtype, enabled=self.precision != "fp32"):
-            out = self.module(images.float())
-        return out["pred_logits"].float(), out["pred_masks"].float()  # type: ignore[union-attr]
+        return run(self.module, images, self.device, self.precision)
 
     @torch.no_grad()
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:

@@ -44,7 +44,9 @@ def parse_variant(text: str) -> Variant:
 def default_variants() -> list[str]:
     if torch.cuda.is_available():
         return ["torch", "torch:fp16", "torch:fp16+graphs", "onnxruntime", "tensorrt:fp16"]
-    return ["torch", "onnxruntime"]
+    from model.inference import cpu_has_bf16
+
+    return ["torch", "torch:bf16", "onnxruntime"] if cpu_has_bf16() else ["torch", "onnxruntime"]
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

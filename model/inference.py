@@ -1,0 +1,95 @@
+"""A trained model made ready for inference in a given precision: the same function, cheaper to run.
+
+- FrozenBatchNorm is folded into the convolution before it, as ONNX Runtime and TensorRT fold the exported
+  graph; in torch eager it otherwise costs a multiply and an add over every feature map.
+- In fp16/bf16, convolution and linear weights are cast once, instead of by autocast on every call.
+- On a CPU in bf16, activations are channels_last, the layout oneDNN's AMX and AVX512-BF16 kernels want.
+  bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+M = TypeVar("M", bound=nn.Module)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Raise ValueError for a precision this device cannot run well."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("fp16 needs a CUDA device; on the CPU use fp32, or bf16 where the CPU has AMX/AVX512-BF16")
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_bf16():
+        raise ValueError("bf16 on the CPU needs AMX or AVX512-BF16, which this CPU lacks; use fp32")
+
+
+def cpu_has_bf16() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold each FrozenBatchNorm2d of torchvision's ResNet layout into its conv, in place; returns how many."""
+    folded = 0
+    for parent in list(module.modules()):
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                _fold(conv, bn)
+                setattr(parent, bn_name, nn.Identity())
+                folded += 1
+        down = getattr(parent, "downsample", None)
+        if isinstance(down, nn.Sequential) and len(down) == 2 and isinstance(down[1], FrozenBatchNorm2d):
+            assert isinstance(down[0], nn.Conv2d)
+            _fold(down[0], down[1])
+            down[1] = nn.Identity()
+            folded += 1
+    return folded
+
+
+@torch.no_grad()
+def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    shift = bn.bias - bn.running_mean * scale
+    conv.weight.mul_(scale[:, None, None, None])
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    conv.bias = nn.Parameter(bias, requires_grad=False)
+
+
+def prepare_for_inference(model: M, device: torch.device, precision: str) -> M:
+    """A copy of the model on `device`, in eval mode, rewritten for `precision` (see the module docstring)."""
+    check_precision(device, precision)
+    model = copy.deepcopy(model).to(device).eval()
+    fold_frozen_batchnorm(model)
+    if precision != "fp32":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.to(DTYPES[precision])
+    if device.type == "cpu" and precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+@contextmanager
+def autocast(device: torch.device, precision: str) -> Iterator[None]:
+    with torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32"):
+        yield
+
+
+def run(model: Callable[[Tensor], Any], images: Tensor, device: torch.device, precision: str) -> tuple[Tensor, Tensor]:
+    """(pred_logits, pred_masks) in fp32 for [B, 3, H, W] images (uint8 or float) already on `device`."""
+    x = images.float()
+    if device.type == "cpu" and precision == "bf16":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        out = model(x)
+    return out["pred_logits"].float(), out["pred_masks"].float()
