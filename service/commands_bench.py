@@ -41,7 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--skip-server", action="store_true")
     g.add_argument("--url", help="measure this running server instead of starting `maskformer serve`")
     g.add_argument("--api-key", help="bearer token for a --url server that requires one")
-    g.add_argument("--serve-args", default="", help="extra `maskformer serve` flags, e.g. '--backend torch'")
+    g.add_argument(
+        "--serve-args",
+        action="append",
+        help="extra `maskformer serve` flags, e.g. '--backend torch'; repeat it to measure several configurations",
+    )
     g.add_argument("--baseline", type=Path, help="transformers model directory: also measure the naive baseline")
     g.add_argument("--port", type=int, default=8765, help="port for the servers this command starts")
     g.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
@@ -85,17 +89,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             servers.append({"name": "maskformer", "url": args.url, "rows": rows})
         else:
             url = f"http://127.0.0.1:{args.port}"
-            extra = ["--cache-dir", str(args.cache_dir), *shlex.split(args.serve_args)]
-            print(f"server level: maskformer serve {weights} {' '.join(extra)}")
-            command = load.serve_command(weights, args.port, extra)
-            with load.ServerProcess(command, url, args.out / "maskformer-serve.log"):
-                servers.append({"name": "maskformer", "command": extra, "rows": load.sweep(url, images, *level)})
+            for i, serve_args in enumerate(args.serve_args or [""]):
+                extra = ["--cache-dir", str(args.cache_dir), *shlex.split(serve_args)]
+                name = f"maskformer {serve_args}".strip()
+                print(f"server level: maskformer serve {weights} {' '.join(extra)}")
+                command = load.serve_command(weights, args.port, extra)
+                with load.ServerProcess(command, url, args.out / f"maskformer-serve-{i}.log"):
+                    servers.append({"name": name, "command": extra, "rows": load.sweep(url, images, *level)})
             if args.baseline:
                 print(f"server level: transformers baseline {args.baseline}")
                 command = load.baseline_command(args.baseline, args.port)
                 with load.ServerProcess(command, url, args.out / "baseline.log"):
                     rows = load.sweep(url, images, *level)
-                servers.append({"name": "transformers-baseline", "model": str(args.baseline), "rows": rows})
+                servers.append({"name": report.BASELINE, "model": str(args.baseline), "rows": rows})
         result["server"] = {
             "task": args.task,
             "image_size": args.image_size,

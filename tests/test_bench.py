@@ -44,7 +44,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     args = ["bench", "--weights", str(weights), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     args += ["--variants", "torch,onnxruntime,tensorrt:fp16", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1"]
     args += ["--baseline", str(hf), "--concurrency", "1,3", "--requests", "6", "--seconds", "60"]
-    args += ["--image-size", "96", "--port", str(free_port())]
+    args += ["--image-size", "96", "--port", str(free_port()), "--serve-args", "", "--serve-args", "--backend torch"]
     assert cli(args) == 0
 
     report = json.loads((out / "bench.json").read_text())
@@ -59,7 +59,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
         assert [s["variant"] for s in report["model"]["skipped"]] == ["tensorrt:fp16"]
 
     server = report["server"]
-    assert [s["name"] for s in server["servers"]] == ["maskformer", "transformers-baseline"]
+    names = ["maskformer", "maskformer --backend torch", "transformers-baseline"]
+    assert [s["name"] for s in server["servers"]] == names
     for s in server["servers"]:
         assert [r["concurrency"] for r in s["rows"]] == [1, 3]
         for r in s["rows"]:
@@ -67,11 +68,12 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
             assert r["p50_ms"] <= r["p99_ms"]
     ours = server["servers"][0]["rows"]
     assert ours[0]["avg_batch"] == 1.0 and 1.0 <= ours[1]["avg_batch"] <= 3.0  # read from /metrics
-    assert server["servers"][1]["rows"][0]["avg_batch"] is None  # the baseline does not batch
-    assert [r["concurrency"] for r in server["ratios"]] == [1, 3]
+    assert server["servers"][2]["rows"][0]["avg_batch"] is None  # the baseline does not batch
+    assert [(r["server"], r["concurrency"]) for r in server["ratios"]] == [(n, c) for n in names[:2] for c in (1, 3)]
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
+    assert "maskformer --backend torch / transformers baseline, img/s:" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

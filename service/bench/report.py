@@ -25,16 +25,24 @@ def machine() -> dict:
     }
 
 
+BASELINE = "transformers-baseline"
+
+
 def ratios(servers: list[dict]) -> list[dict]:
-    """Our img/s over the baseline's at each concurrency both ran."""
-    by_name = {s["name"]: {r["concurrency"]: r for r in s["rows"]} for s in servers}
-    ours, base = by_name.get("maskformer"), by_name.get("transformers-baseline")
-    if not ours or not base:
+    """Each of our servers' img/s over the baseline's, at each concurrency both ran."""
+    base = next((s for s in servers if s["name"] == BASELINE), None)
+    if base is None:
         return []
+    base_rows = {r["concurrency"]: r for r in base["rows"]}
     out = []
-    for c in sorted(set(ours) & set(base)):
-        if base[c]["img_per_s"] > 0:
-            out.append({"concurrency": c, "throughput_ratio": round(ours[c]["img_per_s"] / base[c]["img_per_s"], 3)})
+    for s in servers:
+        if s is base:
+            continue
+        for r in s["rows"]:
+            b = base_rows.get(r["concurrency"])
+            if b and b["img_per_s"] > 0:
+                ratio = round(r["img_per_s"] / b["img_per_s"], 3)
+                out.append({"server": s["name"], "concurrency": r["concurrency"], "throughput_ratio": ratio})
     return out
 
 
@@ -74,9 +82,13 @@ def markdown(report: dict) -> str:
                     f"{r.get('p50_ms', '-')} | {r.get('p90_ms', '-')} | {r.get('p99_ms', '-')} | "
                     f"{r['avg_batch'] if r['avg_batch'] is not None else '-'} |"
                 )
-        if server["ratios"]:
-            lines += ["", "maskformer / transformers baseline, img/s:"]
-            lines += [f"- concurrency {r['concurrency']}: {r['throughput_ratio']}x" for r in server["ratios"]]
+        for name in dict.fromkeys(r["server"] for r in server["ratios"]):
+            lines += ["", f"{name} / transformers baseline, img/s:"]
+            lines += [
+                f"- concurrency {r['concurrency']}: {r['throughput_ratio']}x"
+                for r in server["ratios"]
+                if r["server"] == name
+            ]
         lines.append("")
     return "\n".join(lines)
 
