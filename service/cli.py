@@ -27,6 +27,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("torch", caps.torch or "absent"),
         ("torchvision", caps.torchvision or "absent"),
         ("CUDA", ", ".join(caps.gpus) if caps.cuda else "not available"),
+        ("CPU bf16", "yes (AMX or AVX512-BF16: --backend torch --precision bf16)" if caps.cpu_bf16 else "no"),
         ("onnxruntime", f"{caps.onnxruntime} ({', '.join(caps.ort_providers)})" if caps.onnxruntime else "absent"),
         ("tensorrt", caps.tensorrt or "absent"),
     ]

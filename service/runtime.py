@@ -13,6 +13,7 @@ class Capabilities:
     torch: str | None
     cuda: bool
     gpus: list[str] = field(default_factory=list)
+    cpu_bf16: bool = False  # AMX or AVX512-BF16: `--backend torch --precision bf16` on the CPU
     torchvision: str | None = None
     onnxruntime: str | None = None
     ort_providers: list[str] = field(default_factory=list)
@@ -42,7 +43,10 @@ def probe() -> Capabilities:
     if caps.torch:
         import torch
 
+        from model.inference import cpu_has_bf16
+
         caps.cuda = torch.cuda.is_available()
+        caps.cpu_bf16 = cpu_has_bf16()
         if caps.cuda:
             caps.gpus = [
                 f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
