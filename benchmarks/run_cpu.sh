@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU comparison in benchmarks/results/cpu/: our server against the transformers baseline on the same
 # random-init R50 weights (ADE20K's 150 classes, 512x512), then post-processing on the same logits.
-# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (about 7 minutes on 2 cores; run it on an otherwise idle machine)
+# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (10 to 20 minutes on 2 cores; run it on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/cpu}
@@ -9,10 +9,19 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 py=.venv/bin/python
 
+# bf16 (torch on oneDNN) only where the CPU has AMX or AVX512-BF16; the default server is fp32 ONNX Runtime
+variants=torch,onnxruntime
+bf16_server=()
+if $py -c "import sys; from model.inference import cpu_has_bf16; sys.exit(not cpu_has_bf16())"; then
+    variants=torch,torch:bf16,onnxruntime
+    bf16_server=(--serve-args "--backend torch --precision bf16")
+fi
+
 $py benchmarks/hf_r50.py --out "$work/r50-hf"
 .venv/bin/maskformer convert --from hf "$work/r50-hf" --out "$work/r50.safetensors" --name r50-random-ade
 .venv/bin/maskformer bench --weights "$work/r50.safetensors" --baseline "$work/r50-hf" \
     --cache-dir "$work/cache" --out "$out" \
-    --variants torch,onnxruntime --batch-sizes 1,2,4,8 --iters 5 --warmup 1 \
-    --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90
+    --variants "$variants" --batch-sizes 1,2,4,8 --iters 5 --warmup 1 \
+    --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90 \
+    --serve-args "" "${bf16_server[@]}"
 $py benchmarks/postprocess_vs_transformers.py --hf "$work/r50-hf" --out "$out" --images 6 --repeats 3

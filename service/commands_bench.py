@@ -6,6 +6,7 @@ import argparse
 import logging
 import shlex
 import sys
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="extra `maskformer serve` flags, e.g. '--backend torch'; repeat it to measure several configurations",
     )
     g.add_argument("--baseline", type=Path, help="transformers model directory: also measure the naive baseline")
-    g.add_argument("--port", type=int, default=8765, help="port for the servers this command starts")
+    g.add_argument("--port", type=int, default=8765, help="first port of the servers this command starts (one each)")
     g.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
     g.add_argument("--requests", type=int, default=128, help="most requests per concurrency level")
     g.add_argument("--seconds", type=float, default=60, help="most seconds per concurrency level")
@@ -88,20 +89,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             rows = load.sweep(args.url, images, *level, api_key=args.api_key)
             servers.append({"name": "maskformer", "url": args.url, "rows": rows})
         else:
-            url = f"http://127.0.0.1:{args.port}"
-            for i, serve_args in enumerate(args.serve_args or [""]):
-                extra = ["--cache-dir", str(args.cache_dir), *shlex.split(serve_args)]
-                name = f"maskformer {serve_args}".strip()
-                print(f"server level: maskformer serve {weights} {' '.join(extra)}")
-                command = load.serve_command(weights, args.port, extra)
-                with load.ServerProcess(command, url, args.out / f"maskformer-serve-{i}.log"):
-                    servers.append({"name": name, "command": extra, "rows": load.sweep(url, images, *level)})
-            if args.baseline:
-                print(f"server level: transformers baseline {args.baseline}")
-                command = load.baseline_command(args.baseline, args.port)
-                with load.ServerProcess(command, url, args.out / "baseline.log"):
-                    rows = load.sweep(url, images, *level)
-                servers.append({"name": report.BASELINE, "model": str(args.baseline), "rows": rows})
+            servers = _interleaved_servers(args, weights, images, level)
         result["server"] = {
             "task": args.task,
             "image_size": args.image_size,
@@ -116,3 +104,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "server" in result and not any(p.suffix == ".png" for p in paths):
         print("no plot: matplotlib is not installed (pip install 'maskformer-serving[bench]')")
     return 0
+
+
+def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[bytes], level: tuple) -> list[dict]:
+    """Every server up at once on its own port, measured in turn at each concurrency level.
+
+    Shared machines speed up and slow down over minutes; taking each level from all servers back to back
+    lets that drift hit them alike, instead of favouring whichever server happened to run first.
+    """
+    from service.bench import load, report
+
+    task, concurrency, max_requests, max_seconds = level
+    servers: list[dict] = []
+    commands: list[list[str]] = []
+    for i, serve_args in enumerate(args.serve_args or [""]):
+        extra = ["--cache-dir", str(args.cache_dir), *shlex.split(serve_args)]
+        servers.append({"name": f"maskformer {serve_args}".strip(), "command": extra, "rows": []})
+        commands.append(load.serve_command(weights, args.port + i, extra))
+    if args.baseline:
+        servers.append({"name": report.BASELINE, "model": str(args.baseline), "rows": []})
+        commands.append(load.baseline_command(args.baseline, args.port + len(commands)))
+    with ExitStack() as stack:
+        for i, (server, command) in enumerate(zip(servers, commands)):
+            print(f"server level: starting {server['name']} on port {args.port + i}")
+            log = args.out / f"server-{i}.log"
+            stack.enter_context(load.ServerProcess(command, f"http://127.0.0.1:{args.port + i}", log))
+        for c in concurrency:
+            for i, server in enumerate(servers):
+                url = f"http://127.0.0.1:{args.port + i}"
+                progress = lambda line, name=server["name"]: print(f"{name}: {line.strip()}")  # noqa: E731
+                server["rows"] += load.sweep(url, images, task, [c], max_requests, max_seconds, progress=progress)
+    return servers
