@@ -9,12 +9,14 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 py=.venv/bin/python
 
+# The baseline has no request timeout; ours would answer 504 after 30 s at concurrency 64 on a slow day.
+timeout="--request-timeout-s 300"
 # bf16 (torch on oneDNN) only where the CPU has AMX or AVX512-BF16; the default server is fp32 ONNX Runtime
 variants=torch,onnxruntime
 bf16_server=()
 if $py -c "import sys; from model.inference import cpu_has_bf16; sys.exit(not cpu_has_bf16())"; then
     variants=torch,torch:bf16,onnxruntime
-    bf16_server=(--serve-args "--backend torch --precision bf16")
+    bf16_server=(--serve-args "--backend torch --precision bf16 $timeout")
 fi
 
 $py benchmarks/hf_r50.py --out "$work/r50-hf"
@@ -23,5 +25,5 @@ $py benchmarks/hf_r50.py --out "$work/r50-hf"
     --cache-dir "$work/cache" --out "$out" \
     --variants "$variants" --batch-sizes 1,2,4,8 --iters 5 --warmup 1 \
     --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90 \
-    --serve-args "" "${bf16_server[@]}"
+    --serve-args "$timeout" "${bf16_server[@]}"
 $py benchmarks/postprocess_vs_transformers.py --hf "$work/r50-hf" --out "$out" --images 6 --repeats 3
