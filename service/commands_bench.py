@@ -132,6 +132,9 @@ def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[b
         for c in concurrency:
             for i, server in enumerate(servers):
                 url = f"http://127.0.0.1:{args.port + i}"
-                progress = lambda line, name=server["name"]: print(f"{name}: {line.strip()}")  # noqa: E731
+
+                def progress(line: str, name: str = server["name"]) -> None:
+                    print(f"{name}: {line.strip()}")
+
                 server["rows"] += load.sweep(url, images, task, [c], max_requests, max_seconds, progress=progress)
     return servers
