@@ -46,8 +46,22 @@ class DrainingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()  # stop accepting first...
-        await asyncio.sleep(0.2)  # ...so a request on a connection accepted just before is read and answered
+        # ...then give connections that have no request under way (accepted just before, or between two
+        # keep-alive requests) up to IDLE_WAIT_S to show one: uvicorn closes idle connections, and a request
+        # already sent on one would be dropped. A loaded machine can take more than a moment to read it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + IDLE_WAIT_S
+        while loop.time() < deadline and any(_idle(c) for c in self.server_state.connections):
+            await asyncio.sleep(0.02)
         await super().shutdown(sockets)
+
+
+IDLE_WAIT_S = 1.0
+
+
+def _idle(connection: object) -> bool:
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or bool(getattr(cycle, "response_complete", False))
 
 
 def serve(settings: ServeSettings) -> None:
