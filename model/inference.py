@@ -10,8 +10,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -79,17 +78,11 @@ def prepare_for_inference(model: M, device: torch.device, precision: str) -> M:
     return model
 
 
-@contextmanager
-def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    with torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32"):
-        yield
-
-
 def run(model: Callable[[Tensor], Any], images: Tensor, device: torch.device, precision: str) -> tuple[Tensor, Tensor]:
     """(pred_logits, pred_masks) in fp32 for [B, 3, H, W] images (uint8 or float) already on `device`."""
     x = images.float()
     if device.type == "cpu" and precision == "bf16":
         x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device, precision):
+    with torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32"):
         out = model(x)
     return out["pred_logits"].float(), out["pred_masks"].float()
