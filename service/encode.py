@@ -18,6 +18,8 @@ from model.postprocess import SegmentationResult
 
 def rle_counts_from_map(segment_map: np.ndarray, ids: list[int]) -> list[list[int]]:
     """Uncompressed COCO RLE counts (column-major, starting with a 0-run) of `segment_map == id` per id."""
+    if not ids:
+        return []
     flat = np.asarray(segment_map).ravel(order="F")
     n = flat.size
     starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
@@ -55,7 +57,10 @@ def encode_result(result: SegmentationResult, class_names: list[str]) -> list[di
         assert result.masks is not None
         masks = result.masks.cpu().numpy()
         h, w = masks.shape[1:]
-        rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if len(masks) else []
+        # pycocotools wants [H, W, N] uint8 in Fortran order, which is [N, W, H] in C order: one transposing
+        # copy, and the bools reinterpreted as bytes rather than converted
+        column_major = np.ascontiguousarray(masks.transpose(0, 2, 1)).view(np.uint8).transpose(2, 1, 0)
+        rles = mask_utils.encode(column_major) if len(masks) else []
     # Area and box come from post-processing, computed from the same pixels (equal to pycocotools'; tested).
     return [
         {

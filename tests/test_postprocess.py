@@ -137,6 +137,36 @@ def test_instance_sorted_by_score_thresholded_and_may_overlap():
     assert [s.score for s in capped.segments] == scores[:2]
 
 
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_masks_resized_a_few_queries_at_a_time_give_the_same_result(monkeypatch, task):
+    """Queries' masks are resized QUERY_CHUNK at a time; the result must not depend on how many."""
+    scene = scene_outputs()
+    for value in scene.values():
+        value[0, 6:11] = value[0, 0:5]  # exact copies in later chunks: ties the earlier query must win
+    torch.manual_seed(0)
+    noisy = {"pred_logits": torch.randn(1, 40, 5) * 3, "pred_masks": torch.randn(1, 40, 64, 80) * 4}
+    # random masks overlap so much that no query keeps half of its own: no overlap threshold for them
+    for out, overlap in ((scene, 0.5), (noisy, 0.0)):
+        kwargs = {
+            "threshold": 0.3,
+            "overlap_threshold": overlap,
+            "image_sizes": [(256, 300)],
+            "orig_sizes": [(190, 230)],
+        }
+        monkeypatch.setattr("model.postprocess.QUERY_CHUNK", 1000)
+        (whole,) = postprocess(out, task, ISTHING, **kwargs)
+        assert len(whole.segments) >= 3
+        for chunk in (1, 4):
+            monkeypatch.setattr("model.postprocess.QUERY_CHUNK", chunk)
+            (parts,) = postprocess(out, task, ISTHING, **kwargs)
+            assert parts.segments == whole.segments
+            if task == "panoptic":
+                assert torch.equal(parts.segment_map, whole.segment_map)
+            else:
+                assert torch.equal(parts.masks, whole.masks)
+        check_area_bbox(whole)
+
+
 def test_padding_is_cropped_before_resizing_to_the_original_size():
     r = layout()
     pad = torch.zeros(64, 80, dtype=torch.bool)
