@@ -74,6 +74,8 @@ def export_onnx(
     size = size or model.cfg.input_size
     if any(s % 32 for s in size):
         raise ValueError(f"height and width {size} must be multiples of 32")
+    if opset < 17:
+        raise ValueError(f"opset {opset} splits LayerNorm into several nodes; use 17 or later")
     model = model.eval().cpu()
     example = torch.zeros(2, 3, *size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=max_batch)

@@ -65,6 +65,23 @@ def config_pbtxt(
     return text
 
 
+def _check_engine(engine: Path, onnx_path: Path, max_batch_size: int) -> None:
+    """The engine must come from this ONNX (the config's shapes are read from it) and take max_batch_size."""
+    from export.tensorrt import EngineSidecar, sha256
+
+    try:
+        sidecar = EngineSidecar.read(engine)
+    except FileNotFoundError:
+        raise ValueError(f"{engine} has no sidecar {engine}.json; build it with `maskformer export tensorrt`") from None
+    if sidecar.onnx_sha256 != sha256(onnx_path):
+        raise ValueError(f"{engine} was built from another ONNX file than {onnx_path}")
+    if max_batch_size > sidecar.profile["max"]:
+        raise ValueError(
+            f"max batch {max_batch_size} is above the engine's profile maximum {sidecar.profile['max']}; "
+            "rebuild it with a larger --max-batch or lower this one"
+        )
+
+
 def write_repository(
     onnx_path: str | Path,
     repo: str | Path,
@@ -76,8 +93,10 @@ def write_repository(
     gpu: bool = True,
 ) -> Path:
     """Write REPO/NAME/{config.pbtxt, 1/model.onnx|model.plan}; returns the config path."""
-    if engine is not None and not gpu:
-        raise ValueError("a TensorRT engine runs on the GPU only")
+    if engine is not None:
+        if not gpu:
+            raise ValueError("a TensorRT engine runs on the GPU only")
+        _check_engine(Path(engine), Path(onnx_path), max_batch_size)
     platform = "tensorrt_plan" if engine else "onnxruntime_onnx"
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)

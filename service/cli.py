@@ -29,7 +29,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("CUDA", ", ".join(caps.gpus) if caps.cuda else "not available"),
         ("CPU bf16", "yes (AMX or AVX512-BF16: --backend torch --precision bf16)" if caps.cpu_bf16 else "no"),
         ("onnxruntime", f"{caps.onnxruntime} ({', '.join(caps.ort_providers)})" if caps.onnxruntime else "absent"),
-        ("tensorrt", caps.tensorrt or "absent"),
+        ("tensorrt", caps.tensorrt or "absent (GPU nodes: pip install '.[gpu]'; export tensorrt needs it)"),
     ]
     backend, reason = choose_backend(caps)
     rows.append(("serve backend", f"{backend}: {reason}"))
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export_tensorrt)
     e = targets.add_parser("triton", help="a Triton model repository (config.pbtxt) for the ONNX or its engine")
     e.add_argument("--onnx", type=Path, required=True, help="the exported ONNX (shapes and metadata come from it)")
-    e.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    e.add_argument("--out", "--repo", dest="repo", type=Path, required=True, help="model repository folder")
     e.add_argument("--name", default="maskformer")
     e.add_argument("--engine", type=Path, help="serve this TensorRT engine (tensorrt_plan) instead of the ONNX")
     e.add_argument("--max-batch", type=int, default=8)

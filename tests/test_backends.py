@@ -97,3 +97,61 @@ def test_bf16_is_refused_by_the_onnx_backend_constructors(tmp_path):
         OnnxRuntimeBackend(tmp_path / "m.onnx", torch.device("cpu"), "bf16", 1, tmp_path)
     with pytest.raises(ValueError, match="precision bf16 is not supported by the tensorrt backend"):
         TensorRTBackend(tmp_path / "m.engine", torch.device("cpu"), "bf16", 1)
+
+
+def test_fp16_is_refused_on_the_cpu_before_any_export(model_and_weights, tmp_path):
+    from service.backends import create_backend
+    from service.settings import ServeSettings
+
+    model, weights = model_and_weights
+    settings = ServeSettings(backend="onnxruntime", device="cpu", precision="fp16", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        create_backend(settings, weights, model.cfg)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+
+
+def test_gpu_providers_and_their_options(monkeypatch, tmp_path):
+    """Which ONNX Runtime providers a session asks for, given what this onnxruntime build offers (the list is
+    ONNX Runtime's; no session is created)."""
+    import onnxruntime as ort
+
+    from service.backends.ort_backend import providers
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    chosen = providers(torch.device("cuda", 1), "fp16", tmp_path)
+    assert [p if isinstance(p, str) else p[0] for p in chosen] == gpu  # TensorRT first, the CPU for the rest
+    trt_options, cuda_options = chosen[0][1], chosen[1][1]
+    assert trt_options["trt_engine_cache_enable"] == "True"
+    assert trt_options["trt_engine_cache_path"] == str(tmp_path / "ort-trt")
+    assert trt_options["trt_timing_cache_enable"] == "True" and trt_options["trt_fp16_enable"] == "True"
+    assert cuda_options == {"device_id": "1"}
+    assert providers(torch.device("cuda"), "fp32", tmp_path)[0][1]["trt_fp16_enable"] == "False"
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu[1:])
+    assert [p if isinstance(p, str) else p[0] for p in providers(torch.device("cuda"), "fp16", tmp_path)] == gpu[1:]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="no GPU provider"):
+        providers(torch.device("cuda"), "fp32", tmp_path)
+    assert providers(torch.device("cpu"), "fp32", tmp_path) == ["CPUExecutionProvider"]
+
+
+def test_which_backends_run_the_fp16_graph():
+    from types import SimpleNamespace
+
+    from service.backends import runs_fp16_graph
+
+    assert runs_fp16_graph("onnxruntime")  # the CUDA provider runs the graph's own precision
+    assert not runs_fp16_graph("torch")
+    tensorrt_10 = SimpleNamespace(BuilderFlag=SimpleNamespace(FP16=0))
+    tensorrt_11 = SimpleNamespace(BuilderFlag=SimpleNamespace())  # no BuilderFlag.FP16: strongly typed only
+    assert not runs_fp16_graph("tensorrt", tensorrt_10) and runs_fp16_graph("tensorrt", tensorrt_11)
+
+
+def test_the_fp16_graph_is_cached_beside_the_fp32_one(model_and_weights, tmp_path):
+    from export.onnx import onnx_precision
+
+    _, weights = model_and_weights
+    fp32, fp16 = cached_onnx(weights, tmp_path, (128, 128)), cached_onnx(weights, tmp_path, (128, 128), fp16=True)
+    assert fp32 != fp16 and onnx_precision(fp32) == "fp32" and onnx_precision(fp16) == "fp16"
+    assert cached_onnx(weights, tmp_path, (128, 128), fp16=True) == fp16

@@ -53,3 +53,42 @@ def test_bad_sizes_are_refused(tmp_path, capsys):
     weights = save_model(model, tmp_path / "m.safetensors")
     assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"), "--height", "100"]) == 2
     assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_without_simplification(tmp_path):
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    check_export(tmp_path, model, ["--no-simplify"])
+
+
+def test_an_opset_that_splits_layernorm_is_refused(tmp_path, capsys):
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    weights = save_model(model, tmp_path / "m.safetensors")
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"), "--opset", "16"]) == 2
+    assert "use 17 or later" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+
+
+def test_a_graph_that_drifts_from_pytorch_fails_loudly(tmp_path, capsys, monkeypatch):
+    """An exporter bug, simulated by scaling the largest weight of the written graph: exit 1, FAILED on
+    stderr, and a sidecar that says so."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    import export.onnx
+
+    export_onnx = export.onnx.export_onnx
+
+    def drifting_export(*args, **kwargs):
+        out = export_onnx(*args, **kwargs)
+        graph = onnx.load(str(out))
+        largest = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        largest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(largest) * 1.5, largest.name))
+        onnx.save(graph, str(out))
+        return out
+
+    monkeypatch.setattr(export.onnx, "export_onnx", drifting_export)
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    weights = save_model(model, tmp_path / "m.safetensors")
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert "FAILED: the fp32 graph misses max_abs_diff <= 0.001" in capsys.readouterr().err
+    report = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert report["passed"] is False and report["max_abs_diff"] > 1e-3

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 from torch import nn
@@ -15,7 +14,7 @@ from export.onnx_fp16 import node_precision
 from model import BackboneConfig, MaskFormerConfig, ModelInfo, build_model, load_model
 from model.data.shapes import VAL_SEED, generate
 from service.cli import main as cli
-from tests.test_export_tensorrt import have_tensorrt
+from tests.test_export_tensorrt import NEEDS_TENSORRT_GPU
 
 FP32_ONLY = ("LayerNormalization", "InstanceNormalization", "Softmax")  # GroupNorm exports as InstanceNorm
 
@@ -90,7 +89,7 @@ def test_swin_and_transformer_encoder(tmp_path):
     check_precision(graph, model)
 
 
-@pytest.mark.skipif(not have_tensorrt(), reason="TensorRT is not installed (GPU nodes only: pip install '.[gpu]')")
+@NEEDS_TENSORRT_GPU
 def test_strongly_typed_engine(tmp_path):  # pragma: no cover - runs only where TensorRT is
     from export.tensorrt import EngineSidecar
 

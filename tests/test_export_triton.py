@@ -56,3 +56,26 @@ def test_tensorrt_plan_and_cpu_configs(onnx_file):
     cpu = parse(config_pbtxt(onnx_file, "mf", "onnxruntime_onnx", 1, gpu=False, instances=2))
     assert cpu.instance_group[0].count == 2
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(cpu.instance_group[0].kind) == "KIND_CPU"
+
+
+def test_an_engine_must_match_its_onnx_and_batch(onnx_file, tmp_path, capsys):
+    """The config's shapes come from the ONNX, so the engine must be built from it, with a profile that
+    takes the configured batch (checked from the engine's sidecar; no engine is built here)."""
+    from export.tensorrt import EngineSidecar, sha256
+
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"serialized engine bytes")
+    base = ["export", "triton", "--onnx", str(onnx_file), "--engine", str(engine), "--out", str(tmp_path / "repo")]
+    assert cli([*base, "--max-batch", "4"]) == 2
+    assert "has no sidecar" in capsys.readouterr().err
+    fields = ("10.13.0", "NVIDIA H100", "9.0", sha256(onnx_file), [3, 128, 128], {"min": 1, "opt": 2, "max": 4})
+    EngineSidecar(*fields, "fp16").write(engine)
+    assert cli([*base, "--max-batch", "8"]) == 2
+    assert "above the engine's profile maximum 4" in capsys.readouterr().err
+    assert cli([*base, "--max-batch", "4"]) == 0
+    config = parse((tmp_path / "repo" / "maskformer" / "config.pbtxt").read_text())
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
+    assert (tmp_path / "repo" / "maskformer" / "1" / "model.plan").read_bytes() == engine.read_bytes()
+    EngineSidecar("10.13.0", "NVIDIA H100", "9.0", "0" * 64, *fields[4:], "fp16").write(engine)
+    assert cli([*base, "--max-batch", "4"]) == 2
+    assert "built from another ONNX file" in capsys.readouterr().err

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from model.config import MaskFormerConfig
+from model.inference import check_precision as check_device_precision
 from service.backends.base import Backend
 from service.runtime import choose_backend, probe
 from service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "Backend", "check_precision", "create_backend"]
+__all__ = ["PRECISIONS", "Backend", "check_precision", "create_backend", "runs_fp16_graph"]
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -38,6 +40,25 @@ def check_precision(backend: str, precision: str) -> None:
         )
 
 
+def runs_fp16_graph(backend: str, tensorrt_module: Any = None) -> bool:
+    """Whether `backend` in fp16 needs the FP16 ONNX rather than the FP32 one.
+
+    ONNX Runtime's CUDA provider runs a graph in the precision it was exported in, so fp16 is the FP16
+    graph. TensorRT 10 makes FP16 engines from the FP32 graph with BuilderFlag.FP16 (choosing per layer,
+    with LayerNorm, softmax and the mask product pinned to FP32); TensorRT 11 has no such flag and builds
+    the FP16 graph as a strongly typed network.
+    """
+    if backend == "onnxruntime":
+        return True
+    if backend == "tensorrt":
+        if tensorrt_module is None:
+            from export.tensorrt import load_tensorrt
+
+            tensorrt_module = load_tensorrt()
+        return not hasattr(tensorrt_module.BuilderFlag, "FP16")
+    return False
+
+
 def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig) -> Backend:
     device = resolve_device(settings.device)
     name: str = settings.backend
@@ -45,6 +66,7 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
         name, why = choose_backend(probe())
         log.info("backend auto -> %s: %s", name, why)
     check_precision(name, settings.precision)
+    check_device_precision(device, settings.precision)  # before minutes of export for a precision it cannot run
     if settings.threads and device.type == "cpu":
         torch.set_num_threads(settings.threads)
     if name == "torch":
@@ -57,7 +79,8 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
         )
     from service.backends.ort_backend import cached_onnx
 
-    onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size)
+    fp16_graph = settings.precision == "fp16" and runs_fp16_graph(name)
+    onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size, fp16_graph)
     if name == "onnxruntime":
         from service.backends.ort_backend import OnnxRuntimeBackend
 

@@ -40,17 +40,21 @@ def exporter_tag() -> str:
     return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:8]
 
 
-def onnx_cache_path(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> Path:
-    """`<checkpoint sha256, 16 digits>-<H>x<W>-e<exporter tag>.onnx` in the cache."""
-    return cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}-e{exporter_tag()}.onnx"
+def onnx_cache_path(weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False) -> Path:
+    """`<checkpoint sha256, 16 digits>-<H>x<W>[-fp16]-e<exporter tag>.onnx` in the cache."""
+    precision = "-fp16" if fp16 else ""
+    return cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}{precision}-e{exporter_tag()}.onnx"
 
 
-def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> Path:
-    """The exported ONNX for this checkpoint, input size and exporter, exporting it if it is not cached yet."""
+def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False) -> Path:
+    """The exported ONNX for this checkpoint, input size, precision and exporter, exported if not cached yet.
+
+    fp16: the FP16 graph of export/onnx_fp16.py (norms, softmax, heads and mask product in FP32).
+    """
     from export.onnx import export_onnx
     from model.checkpoint import load_model
 
-    path = onnx_cache_path(weights, cache_dir, input_size)
+    path = onnx_cache_path(weights, cache_dir, input_size, fp16)
     if path.is_file():
         return path
     with file_lock(path.with_name(path.name + ".lock")):  # replicas sharing the cache export once
@@ -60,7 +64,7 @@ def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int]) -> 
         log.info("exporting %s to %s (first start; cached for the next)", weights, path)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
         try:
-            export_onnx(load_model(weights), tmp, input_size, max_batch=64)
+            export_onnx(load_model(weights), tmp, input_size, max_batch=64, fp16=fp16)
             tmp.replace(path)  # atomic: a reader that skips the lock never sees half a file
         finally:
             tmp.unlink(missing_ok=True)
