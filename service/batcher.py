@@ -42,13 +42,13 @@ class Batcher:
         max_batch_size: int,
         max_queue_delay_s: float,
         max_queue_size: int,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.on_batch = on_batch
+        self.on_batch = on_batch  # (batch size, requests still waiting), as each batch leaves the queue
         self.queue: deque[Job] = deque()
         self.running = 0  # jobs in the batch being run
         self._wakeup = asyncio.Event()
@@ -106,7 +106,7 @@ class Batcher:
             for job in batch:
                 job.started = now
             if self.on_batch:
-                self.on_batch(len(batch))
+                self.on_batch(len(batch), self.depth())
             try:
                 results: Sequence[Any] = await loop.run_in_executor(
                     self._executor, self.run_batch, [job.payload for job in batch]

@@ -13,7 +13,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.preprocess import letterbox
 from service import errors
 
-# Pillow format name -> the media type clients send it as.
+# Pillow format name -> the media type clients send it as. Only these formats' plugins ever open a request.
+# JPEG's also opens a JPEG with an MPF header (phone cameras add a depth or preview frame) as format MPO; it
+# decodes as its first frame, like any JPEG.
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
 MEDIA_TYPES = sorted(set(FORMATS.values()) | {"image/jpg"})
 
@@ -48,18 +50,33 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))  # a writable copy, as torch wants
 
 
+def other_format(head: bytes) -> str | None:
+    """The format outside the allow-list whose magic bytes `head` starts with, by Pillow's prefix checks alone:
+    no plugin of a format we refuse ever parses a request."""
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in FORMATS or accept is None:
+            continue
+        try:
+            if accept(head):
+                return fmt
+        except Exception:  # a prefix too short for that format's check
+            continue
+    return None
+
+
 def decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode an allowed format, refusing oversized images from their header, and apply EXIF orientation."""
     if not data:
         raise errors.empty_body()
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        img = Image.open(io.BytesIO(data), formats=list(FORMATS))  # reads the header only
     except UnidentifiedImageError:
+        if found := other_format(data[:16]):
+            raise errors.unsupported_format(found, sorted(FORMATS)) from None
         raise errors.bad_image("unknown format or corrupt header") from None
     except Exception as err:
         raise errors.bad_image(str(err)) from None
-    if img.format not in FORMATS:
-        raise errors.unsupported_format(str(img.format), sorted(FORMATS))
     w, h = img.size
     if w * h > max_pixels:
         raise errors.too_many_pixels(w, h, max_pixels)

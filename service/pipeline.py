@@ -92,9 +92,15 @@ class Pipeline:
             s.max_batch_size,
             s.max_queue_delay_ms / 1000,
             s.max_queue_size,
-            on_batch=self.metrics.batch_size.observe,
+            on_batch=self.batch_taken,
         )
         self.batcher.start()
+
+    def batch_taken(self, size: int, depth: int) -> None:
+        """A batch left the queue: record its size and the depth left, or the gauge counts its requests as
+        waiting until they are answered."""
+        self.metrics.batch_size.observe(size)
+        self.metrics.queue_depth.set(depth)
 
     # -- the worker thread -----------------------------------------------------------------------------------
 

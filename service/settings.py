@@ -23,7 +23,7 @@ class ServeSettings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="fp16 on GPU backends; bf16 on torch (CUDA) only"
+        "fp32", description="fp16 on GPU backends; bf16 on torch, on CUDA or on a CPU with AMX or AVX512-BF16"
     )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)

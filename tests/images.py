@@ -26,6 +26,11 @@ def exif_rotated_jpeg(h: int = 60, w: int = 90) -> bytes:
     return encode(rgb(h, w), "JPEG", exif=exif.tobytes())
 
 
+def mpo_jpeg() -> bytes:
+    """A phone camera's JPEG: an MPF header (Pillow says format MPO) and a second, smaller frame after the first."""
+    return encode(rgb(), "MPO", save_all=True, append_images=[rgb(48, 64, seed=1)])
+
+
 def awkward() -> dict[str, tuple[bytes, str, tuple[int, int]]]:
     """name -> (bytes, media type, upright (height, width))."""
     base = rgb()
@@ -39,6 +44,7 @@ def awkward() -> dict[str, tuple[bytes, str, tuple[int, int]]]:
         "16-bit": (encode(sixteen, "PNG"), "image/png", (64, 80)),
         "cmyk-jpeg": (encode(base.convert("CMYK"), "JPEG"), "image/jpeg", (96, 128)),
         "exif-rotated": (exif_rotated_jpeg(), "image/jpeg", (90, 60)),
+        "mpo": (mpo_jpeg(), "image/jpeg", (96, 128)),
         "1x1": (encode(rgb(1, 1), "PNG"), "image/png", (1, 1)),
         "tall": (encode(rgb(1500, 2), "PNG"), "image/png", (1500, 2)),
         "wide": (encode(rgb(1, 2000), "PNG"), "image/png", (1, 2000)),

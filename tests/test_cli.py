@@ -1,8 +1,12 @@
 import json
+import os
 import subprocess
 import sys
 
+from model.checkpoint import default_weights
 from service.cli import main as cli
+from service.metrics import Metrics
+from service.pipeline import Pipeline
 from service.runtime import Capabilities, choose_backend
 
 
@@ -34,3 +38,16 @@ def test_convert_needs_a_preset_for_detectron2(tmp_path, capsys):
     assert (
         cli(["convert", "--from", "detectron2", str(tmp_path / "m.pkl"), "--out", str(tmp_path / "o.safetensors")]) == 2
     )
+
+
+def test_serve_without_arguments_serves_the_shipped_model_on_port_8000_of_every_interface(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("MASKFORMER_"):
+            monkeypatch.delenv(name)
+    served = []
+    monkeypatch.setattr("service.server.serve", served.append)  # the settings `serve` would run with
+    assert cli(["serve"]) == 0
+    [settings] = served
+    assert (settings.host, settings.port, settings.backend, settings.weights) == ("0.0.0.0", 8000, "auto", None)
+    weights = Pipeline(settings, Metrics(settings.max_batch_size)).weights
+    assert weights == default_weights() and weights.is_file()

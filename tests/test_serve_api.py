@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import socket
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -17,6 +24,8 @@ from model.checkpoint import load_model, save_model
 from model.inference import prepare_for_inference
 from model.maskformer import ModelInfo, build_model
 from model.postprocess import postprocess
+from service.app import create_app
+from service.backends import create_backend
 from service.decode import decode, prepare
 from service.settings import ServeSettings
 from tests.conftest import tiny_config
@@ -124,6 +133,24 @@ def test_awkward_images_are_served(server, name):
     assert sum(decode_rle(s).sum() for s in body["segments"]) == h * w
 
 
+def test_max_segments_caps_and_overlap_threshold_filters(server):
+    url, _ = server
+
+    def segments(**params) -> list[dict]:
+        r = httpx.post(f"{url}/segment", params={"threshold": 0.0, **params}, files={"image": ("x.png", png())})
+        assert r.status_code == 200, r.text
+        return r.json()["segments"]
+
+    every = segments(task="instance")
+    assert len(every) > 1
+    assert segments(task="instance", max_segments=1) == every[:1]  # the best-scoring one
+    # Panoptic drops a segment that keeps less than overlap_threshold of its own mask after the pixels are
+    # shared out; 0 keeps every segment that owns a pixel, 1 only those that lost none.
+    loose, strict = segments(task="panoptic", overlap_threshold=0.0), segments(task="panoptic", overlap_threshold=1.0)
+    assert len(loose) > len(strict) >= 1
+    assert len(segments(task="panoptic", overlap_threshold=0.0, max_segments=1)) == 1
+
+
 BAD = {
     "not-an-image": (dict(content=b"hello", headers={"Content-Type": "image/png"}), 400, "invalid_image"),
     "truncated": (dict(content=png()[:200], headers={"Content-Type": "image/png"}), 400, "invalid_image"),
@@ -141,6 +168,16 @@ BAD = {
     "bad-task": (dict(params={"task": "depth"}, files={"image": ("x.png", png())}), 422, "invalid_parameter"),
     "bad-threshold": (dict(params={"threshold": "2"}, files={"image": ("x.png", png())}), 422, "invalid_parameter"),
     "nan-threshold": (dict(params={"threshold": "nan"}, files={"image": ("x.png", png())}), 422, "invalid_parameter"),
+    "bad-overlap-threshold": (
+        dict(params={"overlap_threshold": "1.5"}, files={"image": ("x.png", png())}),
+        422,
+        "invalid_parameter",
+    ),
+    "bad-max-segments": (
+        dict(params={"max_segments": "0"}, files={"image": ("x.png", png())}),
+        422,
+        "invalid_parameter",
+    ),
     "two-images": (dict(files=[("image", ("a.png", png())), ("image", ("b.png", png()))]), 422, "invalid_parameter"),
 }
 
@@ -170,6 +207,26 @@ def test_concurrent_requests_are_batched(server):
     batches = metric(url, "maskformer_batch_size_count") - before_count
     images = metric(url, "maskformer_batch_size_sum") - before_sum
     assert images == 12 and batches < 12  # some forward passes carried more than one image
+
+
+def test_queue_depth_falls_when_a_batch_leaves_the_queue(server):
+    url, app = server
+    entered, release = threading.Event(), threading.Event()
+
+    def held(infer, images):
+        entered.set()
+        release.wait(30)
+        return infer(images)
+
+    with patched_backend(app, held), ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{url}/segment", files={"image": ("x.png", png())}, timeout=60)
+        try:
+            assert entered.wait(30)
+            running = metric(url, "maskformer_queue_depth")  # its batch runs; nothing waits
+        finally:
+            release.set()
+        assert pending.result().status_code == 200
+    assert running == 0
 
 
 def test_mixed_tasks_share_a_batch(server):
@@ -218,7 +275,7 @@ def test_overload_gets_503_with_retry_after(server):
     assert httpx.get(f"{url}/readyz").status_code == 200
 
 
-def test_timeout_gets_504_and_a_backend_error_fails_only_its_batch(server):
+def test_timeout_gets_504_and_a_backend_error_fails_only_its_batch(server, caplog):
     url, app = server
     settings = app.state.pipeline.settings
 
@@ -240,7 +297,9 @@ def test_timeout_gets_504_and_a_backend_error_fails_only_its_batch(server):
     with patched_backend(app, broken):
         r = httpx.post(f"{url}/segment", files={"image": ("x.png", png())})
     assert r.status_code == 500 and r.json()["error"]["code"] == "inference_failed"
-    assert "error id" in r.json()["error"]["message"]
+    error_id = re.fullmatch(r".*error id ([0-9a-f]+)", r.json()["error"]["message"]).group(1)
+    logged = [rec for rec in caplog.records if rec.levelno >= logging.ERROR and error_id in rec.getMessage()]
+    assert logged and "illegal memory access" in str(logged[0].exc_info[1])  # the log has the id and the cause
     assert httpx.post(f"{url}/segment", files={"image": ("x.png", png())}).status_code == 200
     assert httpx.get(f"{url}/readyz").status_code == 200
 
@@ -301,11 +360,67 @@ def test_api_key_protects_everything_but_health(weights, tmp_path):
         for path in ["/v1/model", "/metrics", "/docs"]:
             r = httpx.get(f"{url}{path}")
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        r = httpx.post(f"{url}/segment", files={"image": ("x.png", png())}, headers={"Authorization": "Bearer nope"})
-        assert r.status_code == 401
         good = {"Authorization": "Bearer s3cret"}
-        assert httpx.post(f"{url}/segment", files={"image": ("x.png", png())}, headers=good).status_code == 200
+        for path in ["/segment", "/segment/batch"]:
+            r = httpx.post(f"{url}{path}", files={"image": ("x.png", png())}, headers={"Authorization": "Bearer nope"})
+            assert r.status_code == 401
+            assert httpx.post(f"{url}{path}", files={"image": ("x.png", png())}).status_code == 401
+            assert httpx.post(f"{url}{path}", files={"image": ("x.png", png())}, headers=good).status_code == 200
         assert httpx.get(f"{url}/v1/model", headers=good).status_code == 200
+
+
+@contextmanager
+def listening(settings: ServeSettings) -> Iterator[str]:
+    """A live uvicorn, yielded once it answers /healthz (live_server waits for /readyz, after loading)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        until(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def until(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_not_ready_while_the_backend_loads(weights, tmp_path, monkeypatch):
+    loaded = threading.Event()
+
+    def slow_create_backend(*args, **kwargs):
+        loaded.wait(60)  # the test releases it
+        return create_backend(*args, **kwargs)
+
+    monkeypatch.setattr("service.pipeline.create_backend", slow_create_backend)
+    settings = ServeSettings(weights=weights, backend="torch", cache_dir=tmp_path, max_batch_size=2)
+    with listening(settings) as url:
+        try:
+            assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
+            r = httpx.get(f"{url}/readyz")
+            assert r.status_code == 503 and r.json() == {"status": "not ready", "reason": "loading"}
+            r = httpx.post(f"{url}/segment", files={"image": ("x.png", png())})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+            assert r.headers["Retry-After"] == "1"
+        finally:
+            loaded.set()
+        until(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+        assert httpx.get(f"{url}/readyz").json()["warm_batch_sizes"] == [1, 2]
+        assert httpx.post(f"{url}/segment", files={"image": ("x.png", png())}).status_code == 200
 
 
 def test_onnxruntime_backend_exports_once_and_agrees_with_torch(weights, tmp_path):

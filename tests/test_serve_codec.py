@@ -1,5 +1,7 @@
 """Decoding requests and encoding results, without HTTP."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,10 @@ from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 
 from model.postprocess import Segment, SegmentationResult, map_result
-from service.decode import decode, prepare
+from service.decode import FORMATS, decode, prepare
 from service.encode import encode_result, rle_counts_from_map
 from service.errors import ApiError
-from tests.images import awkward, encode, exif_rotated_jpeg, rgb
+from tests.images import awkward, encode, exif_rotated_jpeg, mpo_jpeg, rgb
 
 
 @pytest.mark.parametrize("name", sorted(awkward()))
@@ -22,9 +24,14 @@ def test_awkward_images_decode_upright_rgb(name):
 
 def test_exif_orientation_is_applied():
     upright = decode(exif_rotated_jpeg(), 10**7)
-    raw = np.asarray(Image.open(__import__("io").BytesIO(exif_rotated_jpeg())).convert("RGB"))
+    raw = np.asarray(Image.open(io.BytesIO(exif_rotated_jpeg())).convert("RGB"))
     # Orientation 6: the stored image turned 90 degrees clockwise; JPEG noise allows small differences.
     assert np.abs(upright.astype(int) - np.rot90(raw, k=-1).astype(int)).mean() < 1.0
+
+
+def test_mpo_decodes_as_its_first_frame():
+    assert Image.open(io.BytesIO(mpo_jpeg())).format == "MPO"
+    assert np.array_equal(decode(mpo_jpeg(), 10**7), decode(encode(rgb(), "JPEG"), 10**7))
 
 
 def test_sixteen_bit_is_scaled_not_clipped():
@@ -47,6 +54,18 @@ def test_bad_images_raise_api_errors(data, status, code):
     with pytest.raises(ApiError) as err:
         decode(data, max_pixels=19_999)
     assert (err.value.status, err.value.code) == (status, code)
+
+
+def test_refused_formats_are_never_parsed(monkeypatch):
+    gif = encode(rgb(), "GIF")
+    Image.init()
+    for fmt, (_, accept) in list(Image.OPEN.items()):
+        if fmt not in FORMATS:
+            monkeypatch.setitem(Image.OPEN, fmt, (lambda *_: pytest.fail("a refused format's plugin ran"), accept))
+    for data, status in ((gif, 415), (b"neither image nor magic", 400)):
+        with pytest.raises(ApiError) as err:
+            decode(data, 10**7)
+        assert err.value.status == status
 
 
 def test_pixel_limit_is_checked_before_decoding(monkeypatch):
