@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -16,8 +16,10 @@ from service.settings import ServeSettings
 
 
 @contextmanager
-def live_server(settings: ServeSettings, ready_timeout: float = 180.0) -> Iterator[tuple[str, object]]:
-    """Yields (base URL, app) once /readyz answers 200."""
+def live_server(
+    settings: ServeSettings, ready_timeout: float = 180.0, wait_for: str = "/readyz"
+) -> Iterator[tuple[str, object]]:
+    """Yields (base URL, app) once `wait_for` answers 200: /readyz (loaded and warm) or /healthz (listening)."""
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -26,24 +28,29 @@ def live_server(settings: ServeSettings, ready_timeout: float = 180.0) -> Iterat
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if app.state.status["load_error"]:
-                raise RuntimeError(app.state.status["load_error"])
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not become ready")
-            time.sleep(0.1)
+        wait_until(lambda: httpx.get(f"{url}{wait_for}", timeout=5).status_code == 200, ready_timeout, app)
         yield url, app
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0, app=None) -> None:
+    """Poll `condition` (connection errors count as not yet); fail early if the app's backend failed to load."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        if app is not None and app.state.status["load_error"]:
+            raise RuntimeError(app.state.status["load_error"])
+        if time.monotonic() > deadline:
+            raise TimeoutError("timed out waiting for the server")
+        time.sleep(0.05)
 
 
 def metric(url: str, sample: str, headers: dict[str, str] | None = None) -> float:

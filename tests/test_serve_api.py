@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -16,7 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -24,13 +21,12 @@ from model.checkpoint import load_model, save_model
 from model.inference import prepare_for_inference
 from model.maskformer import ModelInfo, build_model
 from model.postprocess import postprocess
-from service.app import create_app
 from service.backends import create_backend
 from service.decode import decode, prepare
 from service.settings import ServeSettings
 from tests.conftest import tiny_config
 from tests.images import awkward, encode, rgb
-from tests.live_server import live_server, metric
+from tests.live_server import live_server, metric, wait_until
 
 CLASSES = (["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True])
 
@@ -373,36 +369,6 @@ def test_api_key_protects_everything_but_health(weights, tmp_path):
         assert httpx.get(f"{url}/v1/model", headers=good).status_code == 200
 
 
-@contextmanager
-def listening(settings: ServeSettings) -> Iterator[str]:
-    """A live uvicorn, yielded once it answers /healthz (live_server waits for /readyz, after loading)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        until(lambda: httpx.get(f"{url}/healthz").status_code == 200)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
-def until(condition, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_not_ready_while_the_backend_loads(weights, tmp_path, monkeypatch):
     loaded = threading.Event()
 
@@ -412,7 +378,7 @@ def test_not_ready_while_the_backend_loads(weights, tmp_path, monkeypatch):
 
     monkeypatch.setattr("service.pipeline.create_backend", slow_create_backend)
     settings = ServeSettings(weights=weights, backend="torch", cache_dir=tmp_path, max_batch_size=2)
-    with listening(settings) as url:
+    with live_server(settings, wait_for="/healthz") as (url, _):
         try:
             assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
             r = httpx.get(f"{url}/readyz")
@@ -422,7 +388,7 @@ def test_not_ready_while_the_backend_loads(weights, tmp_path, monkeypatch):
             assert r.headers["Retry-After"] == "1"
         finally:
             loaded.set()
-        until(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200)
         assert httpx.get(f"{url}/readyz").json()["warm_batch_sizes"] == [1, 2]
         assert httpx.post(f"{url}/segment", files={"image": ("x.png", png())}).status_code == 200
 
