@@ -101,7 +101,7 @@ def r50_outputs(hf_dir: Path, num_images: int) -> tuple:
     with torch.inference_mode():
         pixels = processor(images=[generate(VAL_SEED + i).image for i in range(num_images)], return_tensors="pt")
         out = model(pixel_values=pixels["pixel_values"])
-    # thing flags only change panoptic stuff merging; the random model passes no panoptic threshold anyway
+    # every class a thing: neither side merges stuff segments (transformers fuses none unless told which)
     return out.class_queries_logits, out.masks_queries_logits, names, [True] * len(names)
 
 
