@@ -6,8 +6,8 @@ its original size. Semantic follows the official semantic path, where the class 
 resize (model/semantic_map.py).
 Panoptic and instance pick their queries from the class scores alone, so only those queries' masks are
 resized; that gives the same result as resizing all of them first. They are resized QUERY_CHUNK at a time:
-on a CPU, a fresh [100, 512, 512] float buffer costs more in page faults than the arithmetic done on it,
-while a chunk's buffers come back from the allocator's cache.
+on a CPU a fresh [100, 512, 512] float buffer is paid for in page faults, while a chunk's buffers come
+back from the allocator's cache.
 """
 
 from __future__ import annotations

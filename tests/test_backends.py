@@ -117,10 +117,13 @@ def test_gpu_providers_and_their_options(monkeypatch, tmp_path):
 
     from service.backends.ort_backend import providers
 
+    def names(chosen):
+        return [p if isinstance(p, str) else p[0] for p in chosen]
+
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
     chosen = providers(torch.device("cuda", 1), "fp16", tmp_path)
-    assert [p if isinstance(p, str) else p[0] for p in chosen] == gpu  # TensorRT first, the CPU for the rest
+    assert names(chosen) == gpu  # TensorRT first, the CPU for the rest
     trt_options, cuda_options = chosen[0][1], chosen[1][1]
     assert trt_options["trt_engine_cache_enable"] == "True"
     assert trt_options["trt_engine_cache_path"] == str(tmp_path / "ort-trt")
@@ -129,7 +132,7 @@ def test_gpu_providers_and_their_options(monkeypatch, tmp_path):
     assert providers(torch.device("cuda"), "fp32", tmp_path)[0][1]["trt_fp16_enable"] == "False"
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: gpu[1:])
-    assert [p if isinstance(p, str) else p[0] for p in providers(torch.device("cuda"), "fp16", tmp_path)] == gpu[1:]
+    assert names(providers(torch.device("cuda"), "fp16", tmp_path)) == gpu[1:]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(RuntimeError, match="no GPU provider"):
         providers(torch.device("cuda"), "fp32", tmp_path)
