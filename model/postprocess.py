@@ -63,19 +63,34 @@ def _boxes(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor) -> list[Box]:
 
 
 def boxes_from_map(segment_map: Tensor, num_segments: int) -> tuple[list[int], list[Box]]:
-    """Areas and COCO boxes of segments 1..num_segments of a label map, in one pass over the pixels."""
-    h, w = segment_map.shape
-    ids = segment_map.flatten().long()
-    areas = torch.bincount(ids, minlength=num_segments + 1)[1:]
-    ys = torch.arange(h, device=ids.device).repeat_interleave(w)
-    xs = torch.arange(w, device=ids.device).repeat(h)
-    big = torch.full((num_segments + 1,), h + w, device=ids.device)
-    small = torch.full((num_segments + 1,), -1, device=ids.device)
-    x0 = big.scatter_reduce(0, ids, xs, "amin")[1:]
-    y0 = big.scatter_reduce(0, ids, ys, "amin")[1:]
-    x1 = small.scatter_reduce(0, ids, xs, "amax")[1:]
-    y1 = small.scatter_reduce(0, ids, ys, "amax")[1:]
-    return areas.tolist(), _boxes(x0, y0, x1, y1)
+    """Areas and COCO boxes of segments 1..num_segments of a label map (zeros for an absent segment).
+
+    Two histograms, of (row, id) and (column, id) pairs, hold every segment's row and column extents; on a
+    CPU they cost several times less than min/max scatters over the pixels.
+    """
+    n = num_segments + 1
+    ids = segment_map.to(torch.int32)
+    per_row, per_col = _pixels_per_line(ids, n), _pixels_per_line(ids.t(), n)  # [S, H], [S, W]
+    return per_row.sum(1).tolist(), boxes_from_extents(per_row > 0, per_col > 0)
+
+
+def _pixels_per_line(ids: Tensor, n: int) -> Tensor:
+    """[n - 1, H] pixels of segments 1..n-1 in each row of an [H, W] int32 map."""
+    lines = torch.arange(ids.shape[0], dtype=torch.int32, device=ids.device)
+    counts = torch.bincount((ids + (lines * n)[:, None]).flatten(), minlength=ids.shape[0] * n)
+    return counts.view(-1, n)[:, 1:].t()
+
+
+def boxes_from_extents(in_rows: Tensor, in_cols: Tensor) -> list[Box]:
+    """COCO boxes from [N, H] and [N, W] booleans saying which rows and columns each mask touches."""
+    rows, cols = in_rows.view(torch.uint8), in_cols.view(torch.uint8)
+    h, w = rows.shape[1], cols.shape[1]
+    y0 = rows.argmax(1)
+    y1 = h - 1 - rows.flip(1).argmax(1)
+    x0 = cols.argmax(1)
+    x1 = w - 1 - cols.flip(1).argmax(1)
+    boxes = _boxes(x0, y0, x1, y1)
+    return [box if nonempty else (0.0, 0.0, 0.0, 0.0) for box, nonempty in zip(boxes, rows.amax(1).tolist())]
 
 
 def boxes_from_masks(masks: Tensor) -> list[Box]:
@@ -84,14 +99,7 @@ def boxes_from_masks(masks: Tensor) -> list[Box]:
         return []
     # amax over uint8: several times faster on a CPU than any() over bool
     as_bytes = masks.view(torch.uint8)
-    rows, cols = as_bytes.amax(2), as_bytes.amax(1)
-    h, w = rows.shape[1], cols.shape[1]
-    y0 = rows.argmax(1)
-    y1 = h - 1 - rows.flip(1).argmax(1)
-    x0 = cols.argmax(1)
-    x1 = w - 1 - cols.flip(1).argmax(1)
-    boxes = _boxes(x0, y0, x1, y1)
-    return [box if nonempty else (0.0, 0.0, 0.0, 0.0) for box, nonempty in zip(boxes, rows.amax(1).tolist())]
+    return boxes_from_extents(as_bytes.amax(2).view(torch.bool), as_bytes.amax(1).view(torch.bool))
 
 
 def _count(masks: Tensor) -> Tensor:

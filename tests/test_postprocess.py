@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.postprocess import boxes_from_masks, postprocess
+from model.postprocess import boxes_from_map, boxes_from_masks, postprocess
 from model.semantic_map import semantic_map, semantic_map_reference
 
 NO_OBJECT = 20.0
@@ -53,6 +53,18 @@ def check_area_bbox(result):
         mask = result.mask(seg)
         assert seg.area == int(mask.sum())
         assert seg.bbox == boxes_from_masks(mask[None])[0]
+
+
+def test_boxes_from_map_equal_each_masks_box():
+    torch.manual_seed(0)
+    segment_map = torch.randint(0, 4, (9, 13), dtype=torch.int32)
+    segment_map[segment_map == 2] = 0  # segment 2 absent: area 0, box of zeros
+    segment_map[0, 12] = 5  # one pixel in a corner
+    areas, boxes = boxes_from_map(segment_map, 5)
+    masks = torch.stack([segment_map == i for i in range(1, 6)])
+    assert areas == masks.flatten(1).sum(1).tolist()
+    assert boxes == boxes_from_masks(masks)
+    assert boxes[1] == (0.0, 0.0, 0.0, 0.0) and boxes[4] == (12.0, 0.0, 1.0, 1.0)
 
 
 def test_semantic_covers_every_pixel_with_one_segment_per_class():
