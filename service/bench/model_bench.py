@@ -2,6 +2,8 @@
 
 A variant is `backend[:precision][+compile][+graphs]`, e.g. `torch`, `torch:bf16`, `torch:fp16+graphs`,
 `onnxruntime`, `tensorrt:fp16`. Variants this machine cannot run are reported as skipped, with the reason.
+Each variant also segments a few shapes validation images, and the report says how many of their semantic
+pixels agree with torch fp32 on the CPU: what a faster variant costs in fidelity.
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from model.checkpoint import read_metadata
+from model.checkpoint import load_model, read_metadata
+from model.data.shapes import VAL_SEED, generate
+from model.inference import prepare_for_inference, run
+from model.postprocess import postprocess
 from service.backends import create_backend
 from service.settings import ServeSettings
 
@@ -84,10 +91,50 @@ class PeakMemory:
             self.mib = kib / 1024
 
 
+FIDELITY_IMAGES = 4
+
+
+def fidelity_images(input_size: tuple[int, int]) -> Tensor:
+    """[4, 3, H, W] uint8 shapes validation images at the input size: the same pixels for every variant."""
+    images = torch.stack([torch.from_numpy(generate(VAL_SEED + i).image) for i in range(FIDELITY_IMAGES)])
+    resized = F.interpolate(images.permute(0, 3, 1, 2).float(), size=input_size, mode="bilinear", antialias=True)
+    return resized.round().clamp(0, 255).to(torch.uint8)
+
+
+def semantic_maps(infer, images: Tensor, batch: int, isthing: list[bool]) -> list[Tensor]:
+    """Each image's semantic label map, running `infer` on at most `batch` images at a time."""
+    maps = []
+    for start in range(0, len(images), batch):
+        logits, masks = infer(images[start : start + batch])
+        outputs = {"pred_logits": logits.float().cpu(), "pred_masks": masks.float().cpu()}
+        maps += [r.label_map() for r in postprocess(outputs, "semantic", isthing)]
+    return maps
+
+
+def reference_maps(weights: Path, images: Tensor) -> list[Tensor]:
+    """The maps of torch fp32 on the CPU, which the variants' agreement is measured against."""
+    cpu = torch.device("cpu")
+    model = prepare_for_inference(load_model(weights), cpu, "fp32")
+    with torch.inference_mode():
+        return semantic_maps(lambda x: run(model, x, cpu, "fp32"), images, len(images), model.info.isthing)
+
+
+def agreement(maps: list[Tensor], reference: list[Tensor]) -> float:
+    """The worst image's fraction of pixels with the reference's class."""
+    return min((a == b).float().mean().item() for a, b in zip(maps, reference))
+
+
 def bench_variant(
-    variant: Variant, weights: Path, batch_sizes: list[int], iters: int, warmup: int, cache_dir: Path, device: str
+    variant: Variant,
+    weights: Path,
+    batch_sizes: list[int],
+    iters: int,
+    warmup: int,
+    cache_dir: Path,
+    device: str,
+    reference: list[Tensor] | None = None,
 ) -> list[dict]:
-    cfg, _ = read_metadata(weights)
+    cfg, info = read_metadata(weights)
     settings = ServeSettings.model_validate(
         {
             "weights": weights,
@@ -101,6 +148,10 @@ def bench_variant(
         }
     )
     backend = create_backend(settings, weights, cfg)
+    fidelity = None
+    if reference is not None:
+        maps = semantic_maps(backend.infer, fidelity_images(cfg.input_size), max(batch_sizes), info.isthing)
+        fidelity = round(agreement(maps, reference), 6)
     memory_kind = "cuda_allocated" if backend.device.type == "cuda" else "rss"
     rows = []
     for b in batch_sizes:
@@ -127,6 +178,7 @@ def bench_variant(
                 **percentiles(times),
                 "peak_mib": round(peak.mib, 1),
                 "memory": memory_kind,
+                "semantic_agreement": fidelity,
             }
         )
     return rows
@@ -144,11 +196,12 @@ def bench_models(
 ) -> dict:
     """Rows for every variant and batch size; a variant that cannot run here gives one `skipped` row."""
     cfg, info = read_metadata(weights)
+    reference = reference_maps(weights, fidelity_images(cfg.input_size))
     rows, skipped = [], []
     for text in variants:
         variant = parse_variant(text)
         try:
-            new = bench_variant(variant, weights, batch_sizes, iters, warmup, cache_dir, device)
+            new = bench_variant(variant, weights, batch_sizes, iters, warmup, cache_dir, device, reference)
         except Exception as err:  # a missing library or device: report it, go on with the others
             skipped.append({"variant": text, "reason": f"{type(err).__name__}: {err}"})
             progress(f"  {text}: skipped ({type(err).__name__}: {err})")
@@ -161,6 +214,7 @@ def bench_models(
         "model": info.name,
         "input_size": list(cfg.input_size),
         "threads": torch.get_num_threads(),
+        "fidelity_images": FIDELITY_IMAGES,
         "rows": rows,
         "skipped": skipped,
     }

@@ -56,15 +56,21 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Model level: {model['model']} at {h}x{w}, {model['threads']} threads",
             "",
-            "| variant | device | batch | img/s | p50 ms | p90 ms | p99 ms | peak MiB |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | device | batch | img/s | p50 ms | p90 ms | p99 ms | peak MiB | agreement |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in model["rows"]:
+            agree = "-" if r.get("semantic_agreement") is None else f"{100 * r['semantic_agreement']:.3f} %"
             lines.append(
                 f"| {r['variant']} | {r['device']} | {r['batch']} | {r['img_per_s']} | {r['p50_ms']} | "
-                f"{r['p90_ms']} | {r['p99_ms']} | {r['peak_mib']} ({r['memory']}) |"
+                f"{r['p90_ms']} | {r['p99_ms']} | {r['peak_mib']} ({r['memory']}) | {agree} |"
             )
-        lines += [f"| {s['variant']} | skipped: {s['reason']} | | | | | | |" for s in model["skipped"]]
+        lines += [f"| {s['variant']} | skipped: {s['reason']} | | | | | | | |" for s in model["skipped"]]
+        lines += [
+            "",
+            f"Agreement: semantic pixels with torch fp32 on the CPU, worst of {model.get('fidelity_images', '?')} "
+            "shapes validation images (a random-init model may give one class everywhere: 100 % there says little).",
+        ]
         lines.append("")
     server = report.get("server")
     if server:
