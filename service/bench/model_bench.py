@@ -111,12 +111,12 @@ def semantic_maps(infer, images: Tensor, batch: int, isthing: list[bool]) -> lis
     return maps
 
 
-def reference_maps(weights: Path, images: Tensor) -> list[Tensor]:
+def reference_maps(weights: Path, images: Tensor, isthing: list[bool]) -> list[Tensor]:
     """The maps of torch fp32 on the CPU, which the variants' agreement is measured against."""
     cpu = torch.device("cpu")
     model = prepare_for_inference(load_model(weights), cpu, "fp32")
     with torch.inference_mode():
-        return semantic_maps(lambda x: run(model, x, cpu, "fp32"), images, len(images), model.info.isthing)
+        return semantic_maps(lambda x: run(model, x, cpu, "fp32"), images, len(images), isthing)
 
 
 def agreement(maps: list[Tensor], reference: list[Tensor]) -> float:
@@ -196,7 +196,7 @@ def bench_models(
 ) -> dict:
     """Rows for every variant and batch size; a variant that cannot run here gives one `skipped` row."""
     cfg, info = read_metadata(weights)
-    reference = reference_maps(weights, fidelity_images(cfg.input_size))
+    reference = reference_maps(weights, fidelity_images(cfg.input_size), info.isthing)
     rows, skipped = [], []
     for text in variants:
         variant = parse_variant(text)
