@@ -86,8 +86,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         level = (args.task, args.concurrency, args.requests, args.seconds)
         if args.url:
             print(f"server level: {args.url}")
+            backend = load.server_backend(args.url, args.api_key)
             rows = load.sweep(args.url, images, *level, api_key=args.api_key)
-            servers.append({"name": "maskformer", "url": args.url, "rows": rows})
+            servers.append({"name": "maskformer", "url": args.url, "backend": backend, "rows": rows})
         else:
             servers = _interleaved_servers(args, weights, images, level)
         result["server"] = {
@@ -97,6 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "max_seconds": args.seconds,
             "servers": servers,
             "ratios": report.ratios(servers),
+            "efficiency": report.efficiency(servers, result.get("model")),
         }
     paths = report.write(result, args.out)
     for path in paths:
@@ -129,6 +131,8 @@ def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[b
             print(f"server level: starting {server['name']} on port {args.port + i}")
             log = args.out / f"server-{i}.log"
             stack.enter_context(load.ServerProcess(command, f"http://127.0.0.1:{args.port + i}", log))
+            if server["name"] != report.BASELINE:
+                server["backend"] = load.server_backend(f"http://127.0.0.1:{args.port + i}")
         for c in concurrency:
             for i, server in enumerate(servers):
                 url = f"http://127.0.0.1:{args.port + i}"

@@ -44,7 +44,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     args = ["bench", "--weights", str(weights), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
     args += ["--variants", "torch,onnxruntime,tensorrt:fp16", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1"]
     args += ["--baseline", str(hf), "--concurrency", "1,3", "--requests", "6", "--seconds", "60"]
-    args += ["--image-size", "96", "--port", str(free_port()), "--serve-args", "", "--serve-args", "--backend torch"]
+    args += ["--image-size", "96", "--port", str(free_port())]
+    args += ["--serve-args", "--max-batch-size 2", "--serve-args", "--backend torch --max-batch-size 2"]
     assert cli(args) == 0
 
     report = json.loads((out / "bench.json").read_text())
@@ -61,7 +62,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
         assert [s["variant"] for s in report["model"]["skipped"]] == ["tensorrt:fp16"]
 
     server = report["server"]
-    names = ["maskformer", "maskformer --backend torch", "transformers-baseline"]
+    names = ["maskformer --max-batch-size 2", "maskformer --backend torch --max-batch-size 2", "transformers-baseline"]
     assert [s["name"] for s in server["servers"]] == names
     for s in server["servers"]:
         assert [r["concurrency"] for r in s["rows"]] == [1, 3]
@@ -72,11 +73,17 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert ours[0]["avg_batch"] == 1.0 and 1.0 <= ours[1]["avg_batch"] <= 3.0  # read from /metrics
     assert server["servers"][2]["rows"][0]["avg_batch"] is None  # the baseline does not batch
     assert [(r["server"], r["concurrency"]) for r in server["ratios"]] == [(n, c) for n in names[:2] for c in (1, 3)]
+    # each of our servers against its own backend's model-level row at its max batch size (2); the default
+    # server on a CPU runs ONNX Runtime
+    eff = [(r["server"], r["concurrency"], r["variant"], r["batch"]) for r in server["efficiency"]]
+    assert eff == [(n, c, v, 2) for n, v in zip(names[:2], ("onnxruntime", "torch")) for c in (1, 3)]
+    assert all(r["ratio"] == round(r["server_img_per_s"] / r["raw_img_per_s"], 3) > 0 for r in server["efficiency"])
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and " % |" in md and "Agreement: semantic pixels" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
-    assert "maskformer --backend torch / transformers baseline, img/s:" in md
+    assert "maskformer --backend torch --max-batch-size 2 / transformers baseline, img/s:" in md
+    assert "maskformer --backend torch --max-batch-size 2 / its raw backend (torch at batch 2), img/s:" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

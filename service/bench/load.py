@@ -127,6 +127,20 @@ def sweep(
     return rows
 
 
+def server_backend(url: str, api_key: str | None = None) -> dict | None:
+    """What a `maskformer serve` runs (backend, device, precision, max batch size...), from GET /v1/model;
+    None for a server without that endpoint (the baseline)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        r = httpx.get(f"{url}/v1/model", headers=headers, timeout=10)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    keys = ("backend", "device", "precision", "torch_compile", "cuda_graphs", "max_batch_size")
+    return {k: v for k, v in r.json().items() if k in keys}
+
+
 class ServerProcess:
     """Starts a server command, waits for GET /readyz, and stops it with SIGTERM on exit."""
 

@@ -46,6 +46,49 @@ def ratios(servers: list[dict]) -> list[dict]:
     return out
 
 
+def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
+    """Each of our servers' img/s over its own backend's raw img/s at the server's max batch size, from the
+    model-level rows of the same variant (backend, precision, compile, CUDA graphs) on the same device.
+
+    At high concurrency the server's batches are full, so the ratio is what decoding, batching,
+    post-processing, encoding and HTTP cost end to end.
+    """
+    from service.bench.model_bench import parse_variant
+
+    if not model:
+        return []
+    out = []
+    for s in servers:
+        b = s.get("backend")
+        if not b:
+            continue
+        for row in model["rows"]:
+            v = parse_variant(row["variant"])
+            same = (v.backend, v.precision, v.compile, v.graphs, row["device"]) == (
+                b["backend"],
+                b["precision"],
+                bool(b.get("torch_compile")),
+                bool(b.get("cuda_graphs")),
+                b["device"],
+            )
+            if not same or row["batch"] != b["max_batch_size"]:
+                continue
+            for r in s["rows"]:
+                out.append(
+                    {
+                        "server": s["name"],
+                        "concurrency": r["concurrency"],
+                        "variant": row["variant"],
+                        "batch": row["batch"],
+                        "raw_img_per_s": row["img_per_s"],
+                        "server_img_per_s": r["img_per_s"],
+                        "ratio": round(r["img_per_s"] / row["img_per_s"], 3),
+                    }
+                )
+            break
+    return out
+
+
 def markdown(report: dict) -> str:
     lines = [f"# maskformer bench: {report['created']}", "", f"`{report['command']}`", ""]
     m = report["machine"]
@@ -95,6 +138,10 @@ def markdown(report: dict) -> str:
                 for r in server["ratios"]
                 if r["server"] == name
             ]
+        for name in dict.fromkeys(r["server"] for r in server.get("efficiency", [])):
+            rows = [r for r in server["efficiency"] if r["server"] == name]
+            lines += ["", f"{name} / its raw backend ({rows[0]['variant']} at batch {rows[0]['batch']}), img/s:"]
+            lines += [f"- concurrency {r['concurrency']}: {r['ratio']}" for r in rows]
         lines.append("")
     return "\n".join(lines)
 
