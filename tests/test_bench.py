@@ -5,9 +5,14 @@ baseline in benchmarks/, on the same (tiny, random) weights.
 """
 
 import json
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from service.bench.model_bench import parse_variant
 from service.cli import main as cli
@@ -107,3 +112,23 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
             (row,) = json.loads((out / "bench.json").read_text())["server"]["servers"][0]["rows"]
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
+
+
+BENCH_SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.sh"))
+SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]')")
+def test_benchmark_scripts_pass_shellcheck():
+    assert {p.name for p in BENCH_SCRIPTS} >= {"run_cpu.sh", "run_gpu.sh", "gpu_wheels.sh"}
+    result = subprocess.run([str(SHELLCHECK), *map(str, BENCH_SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_benchmark_refuses_without_a_gpu(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu.sh"
+    command = ["bash", str(script), str(tmp_path / "out"), sys.executable]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing built, nothing written
