@@ -16,6 +16,10 @@ if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "run_gpu.sh: no CUDA GPU visible to $py" >&2
     exit 2
 fi
+# The server's GET /v1/model reports the package's version, which needs it installed (not only importable).
+if ! "$py" -c "from importlib.metadata import version; version('maskformer-serving')" 2>/dev/null; then
+    "$py" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
