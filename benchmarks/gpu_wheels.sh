@@ -8,14 +8,15 @@
 # before benchmarks/run_gpu.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
-pin() { grep -i "^$1==" constraints.txt; }
-wheels=(
-    "$(pin fastapi)" "$(pin starlette)" "$(pin uvicorn)" "$(pin python-multipart)"
-    "$(pin pydantic)" "$(pin pydantic-core)" "$(pin pydantic-settings)" "$(pin orjson)" "$(pin pycocotools)"
-    annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 annotated-doc==0.0.7
-    typing-extensions==4.16.0
-)
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
+rm -rf .whl  # two versions of one package stop the device's install
+wheels=(annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 annotated-doc==0.0.7
+    typing-extensions==4.16.0)
+for name in fastapi starlette uvicorn python-multipart pydantic pydantic-core pydantic-settings orjson pycocotools; do
+    pinned=$(grep -i "^$name==" constraints.txt) || { echo "gpu_wheels.sh: $name is not pinned in constraints.txt" >&2; exit 1; }
+    wheels+=("$pinned")
+done
 platforms=()
 for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
     platforms+=(--platform "$tag")

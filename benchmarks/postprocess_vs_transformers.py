@@ -6,9 +6,10 @@ process CPU time. Two models: the random-init R50 the server benchmark uses and 
 Thresholds are transformers' defaults for both sides (panoptic 0.8, instance 0.5). The R50's class scores
 nearly tie everywhere, so nothing passes those: it is also run at threshold 0, where every query's mask is
 resized and scored (the most work either side can be given), and its semantic map is also made at a
-photo's 480x640, what the server does for a 640x480 upload (our second resize; transformers resizes all
-its class scores to that size). Also reports how often the semantic maps agree with the official order
-(all mask logits resized first) and with transformers' order.
+photo's 480x640 from the whole 512x512 input (our second resize, which the server runs for every upload
+whose size is not the input size; transformers resizes all its class scores to that size). Also reports
+how often the semantic maps agree with the official order (all mask logits resized first) and with
+transformers' order.
 
     python benchmarks/postprocess_vs_transformers.py --hf /tmp/r50-hf --out benchmarks/results/cpu
 """

@@ -87,6 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.url:
             print(f"server level: {args.url}")
             backend = load.server_backend(args.url, args.api_key)
+            if backend is None:
+                print(f"warning: {args.url}/v1/model did not say what it runs; no comparison with its raw backend")
             rows = load.sweep(args.url, images, *level, api_key=args.api_key)
             servers.append({"name": "maskformer", "url": args.url, "backend": backend, "rows": rows})
         else:
@@ -133,6 +135,8 @@ def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[b
             stack.enter_context(load.ServerProcess(command, f"http://127.0.0.1:{args.port + i}", log))
             if server["name"] != report.BASELINE:
                 server["backend"] = load.server_backend(f"http://127.0.0.1:{args.port + i}")
+                if server["backend"] is None:
+                    print(f"warning: {server['name']} did not say what it runs (GET /v1/model); see {log}")
         for c in concurrency:
             for i, server in enumerate(servers):
                 url = f"http://127.0.0.1:{args.port + i}"

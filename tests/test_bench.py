@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.bench.model_bench import parse_variant
+from service.bench import report as bench_report
+from service.bench.model_bench import agreement, parse_variant
 from service.cli import main as cli
 
 transformers = pytest.importorskip("transformers")
@@ -29,6 +30,7 @@ def tiny_hf_dir(path):
     )
     cfg = transformers.MaskFormerConfig(backbone_config=backbone, num_labels=3)
     cfg.decoder_config.decoder_layers = 1
+    torch.manual_seed(0)  # the same weights every run
     transformers.MaskFormerForInstanceSegmentation(cfg).eval().save_pretrained(path)
     size = {"shortest_edge": 128, "longest_edge": 128}
     transformers.MaskFormerImageProcessor(size=size, size_divisor=32).save_pretrained(path)
@@ -112,6 +114,32 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
             (row,) = json.loads((out / "bench.json").read_text())["server"]["servers"][0]["rows"]
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
+
+
+def test_agreement_is_the_worst_images_fraction():
+    ref = [torch.zeros(4, 5, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)]
+    maps = [ref[0].clone(), ref[1].clone()]
+    assert agreement(maps, ref) == 1.0
+    maps[0][0, :2] = 7  # 2 of 20 pixels
+    maps[1][0, 0] = 0  # 1 of 4
+    assert agreement(maps, ref) == 0.75
+
+
+def test_efficiency_skips_servers_that_cannot_be_matched():
+    raw = {"variant": "torch", "device": "cpu", "batch": 2, "img_per_s": 4.0}
+    model = {"model": "m", "input_size": [64, 64], "rows": [raw]}
+    rows = [{"concurrency": 4, "img_per_s": 3.0}]
+    info = {"model": "m", "input_size": [64, 64], "backend": "torch", "device": "cpu", "precision": "fp32"}
+    servers = [
+        {"name": "ours", "backend": {**info, "max_batch_size": 2}, "rows": rows},
+        {"name": "loading", "backend": {"model": "m", "input_size": [64, 64], "backend": None}, "rows": rows},
+        {"name": "other model", "backend": {**info, "model": "x", "max_batch_size": 2}, "rows": rows},
+        {"name": "batch 8", "backend": {**info, "max_batch_size": 8}, "rows": rows},
+        {"name": "baseline", "rows": rows},
+    ]
+    (only,) = bench_report.efficiency(servers, model)
+    assert (only["server"], only["variant"], only["batch"], only["ratio"]) == ("ours", "torch", 2, 0.75)
+    assert bench_report.efficiency(servers, None) == []
 
 
 BENCH_SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.sh"))

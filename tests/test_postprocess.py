@@ -65,6 +65,7 @@ def test_boxes_from_map_equal_each_masks_box():
     assert areas == masks.flatten(1).sum(1).tolist()
     assert boxes == boxes_from_masks(masks)
     assert boxes[1] == (0.0, 0.0, 0.0, 0.0) and boxes[4] == (12.0, 0.0, 1.0, 1.0)
+    assert boxes_from_map(torch.zeros(3, 4, dtype=torch.int32), 0) == ([], [])  # every query dropped
 
 
 def test_semantic_covers_every_pixel_with_one_segment_per_class():

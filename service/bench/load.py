@@ -137,8 +137,9 @@ def server_backend(url: str, api_key: str | None = None) -> dict | None:
         return None
     if r.status_code != 200:
         return None
-    keys = ("backend", "device", "precision", "torch_compile", "cuda_graphs", "max_batch_size")
-    return {k: v for k, v in r.json().items() if k in keys}
+    keys = ("name", "input_size", "backend", "device", "precision", "torch_compile", "cuda_graphs", "max_batch_size")
+    info = {k: v for k, v in r.json().items() if k in keys}
+    return {**info, "model": info.pop("name", None)}
 
 
 class ServerProcess:

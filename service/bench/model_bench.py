@@ -120,7 +120,8 @@ def reference_maps(weights: Path, images: Tensor, isthing: list[bool]) -> list[T
 
 
 def agreement(maps: list[Tensor], reference: list[Tensor]) -> float:
-    """The worst image's fraction of pixels with the reference's class."""
+    """The worst image's fraction of pixels with the reference's class (computed once per variant, at its
+    largest batch size)."""
     return min((a == b).float().mean().item() for a, b in zip(maps, reference))
 
 
@@ -148,6 +149,8 @@ def bench_variant(
         }
     )
     backend = create_backend(settings, weights, cfg)
+    if variant.graphs:
+        backend.warmup(cfg.input_size)  # captures a CUDA graph per batch size, as the server's start-up does
     fidelity = None
     if reference is not None:
         maps = semantic_maps(backend.infer, fidelity_images(cfg.input_size), max(batch_sizes), info.isthing)

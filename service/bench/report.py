@@ -60,18 +60,20 @@ def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
     out = []
     for s in servers:
         b = s.get("backend")
-        if not b:
+        if not b or not b.get("backend"):  # the baseline, or a server that could not say what it runs
             continue
+        if (b.get("model"), b.get("input_size")) != (model["model"], model["input_size"]):
+            continue  # a --url server with another model than the model level measured
         for row in model["rows"]:
             v = parse_variant(row["variant"])
             same = (v.backend, v.precision, v.compile, v.graphs, row["device"]) == (
                 b["backend"],
-                b["precision"],
+                b.get("precision"),
                 bool(b.get("torch_compile")),
                 bool(b.get("cuda_graphs")),
-                b["device"],
+                b.get("device"),
             )
-            if not same or row["batch"] != b["max_batch_size"]:
+            if not same or row["batch"] != b.get("max_batch_size"):
                 continue
             for r in s["rows"]:
                 out.append(
@@ -112,7 +114,8 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             f"Agreement: semantic pixels with torch fp32 on the CPU, worst of {model.get('fidelity_images', '?')} "
-            "shapes validation images (a random-init model may give one class everywhere: 100 % there says little).",
+            "shapes validation images, run once per variant at its largest batch size (a random-init model may "
+            "give one class everywhere: 100 % there says little).",
         ]
         lines.append("")
     server = report.get("server")
