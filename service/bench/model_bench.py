@@ -120,8 +120,7 @@ def reference_maps(weights: Path, images: Tensor, isthing: list[bool]) -> list[T
 
 
 def agreement(maps: list[Tensor], reference: list[Tensor]) -> float:
-    """The worst image's fraction of pixels with the reference's class (computed once per variant, at its
-    largest batch size)."""
+    """The worst image's fraction of pixels with the reference's class."""
     return min((a == b).float().mean().item() for a, b in zip(maps, reference))
 
 
@@ -152,7 +151,7 @@ def bench_variant(
     if variant.graphs:
         backend.warmup(cfg.input_size)  # captures a CUDA graph per batch size, as the server's start-up does
     fidelity = None
-    if reference is not None:
+    if reference is not None:  # once per variant, at its largest batch size
         maps = semantic_maps(backend.infer, fidelity_images(cfg.input_size), max(batch_sizes), info.isthing)
         fidelity = round(agreement(maps, reference), 6)
     memory_kind = "cuda_allocated" if backend.device.type == "cuda" else "rss"
