@@ -5,7 +5,6 @@ baseline in benchmarks/, on the same (tiny, random) weights.
 """
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from service.bench import report as bench_report
 from service.bench.model_bench import agreement, parse_variant
 from service.cli import main as cli
+from tests.test_docker_scripts import SHELLCHECK
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +143,6 @@ def test_efficiency_skips_servers_that_cannot_be_matched():
 
 
 BENCH_SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.sh"))
-SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
 
 
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]')")

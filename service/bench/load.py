@@ -23,6 +23,7 @@ from PIL import Image
 
 from model.data.shapes import VAL_SEED, generate
 from service.bench.model_bench import percentiles
+from service.client import Client, ServiceError
 
 
 def sample_images(count: int, size: int) -> list[bytes]:
@@ -130,15 +131,13 @@ def sweep(
 def server_backend(url: str, api_key: str | None = None) -> dict | None:
     """What a `maskformer serve` runs (backend, device, precision, max batch size...), from GET /v1/model;
     None for a server without that endpoint (the baseline)."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(f"{url}/v1/model", headers=headers, timeout=10)
-    except httpx.HTTPError:
-        return None
-    if r.status_code != 200:
+        with Client(url, api_key, timeout=10) as client:
+            described = client.model()
+    except (httpx.HTTPError, ServiceError):
         return None
     keys = ("name", "input_size", "backend", "device", "precision", "torch_compile", "cuda_graphs", "max_batch_size")
-    info = {k: v for k, v in r.json().items() if k in keys}
+    info = {k: v for k, v in described.items() if k in keys}
     return {**info, "model": info.pop("name", None)}
 
 
