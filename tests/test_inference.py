@@ -49,6 +49,21 @@ def test_prepare_leaves_the_callers_model_alone():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+def test_fp32_on_the_cpu_runs_channels_last_and_keeps_the_outputs(block):
+    model = random_model(block)
+    prepared = prepare_for_inference(model, CPU, "fp32")
+    conv = next(m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        want = model(x.float())
+        got = run(prepared, x, CPU, "fp32")
+    for key, value in zip(("pred_logits", "pred_masks"), got):
+        assert value.dtype == torch.float32
+        assert torch.allclose(value, want[key], atol=1e-3, rtol=1e-4), (value - want[key]).abs().max()
+
+
 def test_precisions_a_cpu_cannot_run_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         check_precision(CPU, "fp16")

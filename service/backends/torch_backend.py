@@ -1,7 +1,7 @@
 """PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16, optionally with CUDA graphs.
 
-The model is prepared by model/inference.py: batch norms folded, weights cast once, and on a CPU in bf16
-(AMX or AVX512-BF16 only) channels_last activations.
+The model is prepared by model/inference.py: batch norms folded, weights cast once, and on a CPU
+channels_last activations (bf16 there needs AMX or AVX512-BF16).
 """
 
 from __future__ import annotations
