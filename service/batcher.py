@@ -6,6 +6,9 @@
 - A request whose future was cancelled (timeout, client gone) is dropped when its batch is formed; the
   rest of the batch is unaffected.
 - One batch runs at a time, in a worker thread, so the event loop keeps accepting and decoding requests.
+- With a `finish` stage (post-processing), batch n finishes in a second thread while batch n+1 runs: the
+  forward pass of one overlaps the host work of the other. At most one batch waits to finish, so a slow
+  finish holds the next forward pass back instead of piling up model outputs.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ class Job:
     started: float = 0.0  # when its batch began to run
 
 
-# Runs one batch in the worker thread: a result (or an exception) per payload, in order.
-BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
+# Runs one batch in the worker thread: a result (or an exception) per payload, in order; with a finish
+# stage, anything, which finish turns into those results in the finishing thread.
+BatchFn = Callable[[Sequence[Any]], Any]
+FinishFn = Callable[[Any], Sequence[Any]]
 
 
 class Batcher:
@@ -43,16 +48,20 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         on_batch: Callable[[int, int], None] | None = None,
+        finish: FinishFn | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch  # (batch size, requests still waiting), as each batch leaves the queue
+        self.finish = finish
         self.queue: deque[Job] = deque()
-        self.running = 0  # jobs in the batch being run
+        self.running = 0  # jobs taken from the queue and not answered yet (running or finishing)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") if finish else None
+        self._finishing: asyncio.Future[None] | None = None  # the batch finishing in the second thread
         self._task: asyncio.Task[None] | None = None
 
     def depth(self) -> int:
@@ -101,26 +110,41 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            self.running = len(batch)
+            self.running += len(batch)
             now = time.monotonic()
             for job in batch:
                 job.started = now
             if self.on_batch:
                 self.on_batch(len(batch), self.depth())
             try:
-                results: Sequence[Any] = await loop.run_in_executor(
-                    self._executor, self.run_batch, [job.payload for job in batch]
-                )
+                out = await loop.run_in_executor(self._executor, self.run_batch, [job.payload for job in batch])
             except Exception as err:  # the whole batch failed; the next one still runs
-                results = [err] * len(batch)
-            self.running = 0
-            for job, result in zip(batch, results):
-                if job.future.done():
-                    continue  # cancelled while running
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                self._answer(batch, [err] * len(batch))
+                continue
+            if self._finisher is None:
+                self._answer(batch, out)
+                continue
+            if self._finishing is not None:
+                await self._finishing  # the batch before this one has left the finishing thread
+            self._finishing = loop.create_task(self._finish(batch, out))
+
+    async def _finish(self, batch: list[Job], out: Any) -> None:
+        assert self.finish is not None and self._finisher is not None
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._finisher, self.finish, out)
+        except Exception as err:
+            results = [err] * len(batch)
+        self._answer(batch, results)
+
+    def _answer(self, batch: list[Job], results: Sequence[Any]) -> None:
+        self.running -= len(batch)
+        for job, result in zip(batch, results):
+            if job.future.done():
+                continue  # cancelled while running
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     async def drain(self) -> None:
         """Wait until every queued and running job is answered, then stop."""
@@ -130,3 +154,5 @@ class Batcher:
         if self._task:
             self._task.cancel()
         self._executor.shutdown(wait=True)
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=True)

@@ -43,6 +43,17 @@ class Work:
     options: Options
 
 
+@dataclass
+class Inferred:
+    """One batch's model outputs (on the backend's device), on their way to the finishing thread."""
+
+    batch: Sequence[Work]
+    logits: torch.Tensor | None
+    masks: torch.Tensor | None
+    infer_s: float
+    error: errors.ApiError | None = None
+
+
 class Pipeline:
     def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
         self.settings = settings
@@ -93,6 +104,7 @@ class Pipeline:
             s.max_queue_delay_ms / 1000,
             s.max_queue_size,
             on_batch=self.batch_taken,
+            finish=self.finish_batch,
         )
         self.batcher.start()
 
@@ -104,8 +116,8 @@ class Pipeline:
 
     # -- the worker thread -----------------------------------------------------------------------------------
 
-    def run_batch(self, batch: Sequence[Work]) -> list[Any]:
-        """One forward pass for the batch (tasks may differ), then each image's post-processing on the device."""
+    def run_batch(self, batch: Sequence[Work]) -> Inferred:
+        """One forward pass for the batch (tasks may differ); finish_batch post-processes it."""
         assert self.backend is not None
         images = torch.stack([w.image.input for w in batch])
         t0 = time.perf_counter()
@@ -114,10 +126,16 @@ class Pipeline:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("inference failed for a batch of %d (error id %s)", len(batch), error_id)
-            return [errors.inference_failed(error_id)] * len(batch)
-        infer_s = time.perf_counter() - t0
+            return Inferred(batch, None, None, 0.0, errors.inference_failed(error_id))
+        return Inferred(batch, logits, masks, time.perf_counter() - t0)
+
+    def finish_batch(self, inferred: Inferred) -> list[Any]:
+        """Each image's post-processing on the device, in the finishing thread while the next batch runs."""
+        if inferred.error is not None or inferred.logits is None or inferred.masks is None:
+            return [inferred.error] * len(inferred.batch)
+        logits, masks = inferred.logits, inferred.masks
         out: list[Any] = []
-        for i, w in enumerate(batch):
+        for i, w in enumerate(inferred.batch):
             t1 = time.perf_counter()
             o = w.options
             try:
@@ -136,7 +154,7 @@ class Pipeline:
                 log.exception("post-processing failed (error id %s)", error_id)
                 out.append(errors.inference_failed(error_id))
                 continue
-            out.append((result, infer_s, time.perf_counter() - t1))
+            out.append((result, inferred.infer_s, time.perf_counter() - t1))
         return out
 
     # -- one request -----------------------------------------------------------------------------------------

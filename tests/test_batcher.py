@@ -90,3 +90,75 @@ def test_no_batch_exceeds_max_batch_size():
     assert asyncio.run(main()) == [200, *(2 * p for p in range(20))]
     assert [len(b) for b in run.batches] == [1, 3, 3, 3, 3, 3, 3, 2]
     assert sum(run.batches, []) == [100, *range(20)]  # in order, each request once
+
+
+class Finisher:
+    """A fake finish stage: records which batches it got, in which thread, and can be held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, doubled: Sequence[int]) -> list[int | Exception]:
+        self.threads.add(threading.current_thread().name)
+        self.batches.append(list(doubled))
+        self.entered.set()
+        self.release.wait(30)
+        return [ValueError("odd") if p == 6 else p + 1 for p in doubled]
+
+
+def test_the_next_batch_runs_while_one_finishes_but_no_further():
+    run, finish = Recorder(), Finisher()
+
+    async def main() -> list[object]:
+        batcher = Batcher(run, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=16, finish=finish)
+        batcher.start()
+        try:
+            jobs = [batcher.submit(p) for p in range(4)]
+            assert await asyncio.to_thread(finish.entered.wait, 30)  # batch 0 is finishing, and held there
+            for _ in range(100):  # batch 1 runs meanwhile
+                if len(run.batches) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            assert run.batches == [[0], [1]]  # batch 2 waits until batch 0 has finished
+            assert batcher.running == 2 and batcher.depth() == 2 and not any(j.future.done() for j in jobs)
+            finish.release.set()
+            return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 30))
+        finally:
+            finish.release.set()
+            await batcher.drain()
+
+    results = asyncio.run(main())
+    assert results[:3] == [1, 3, 5] and isinstance(results[3], ValueError)  # one image's failure stays its own
+    assert run.batches == [[0], [1], [2], [3]] and finish.batches == [[0], [2], [4], [6]]
+    assert len(finish.threads) == 1 and not finish.threads & {"MainThread"}
+
+
+def test_a_finish_stage_that_raises_fails_its_batch_only_and_drain_waits_for_finishing():
+    run = Recorder()
+    calls: list[list[int]] = []
+
+    def finish(doubled: Sequence[int]) -> list[int]:
+        calls.append(list(doubled))
+        time.sleep(0.2)
+        if doubled == [0, 2]:
+            raise RuntimeError("post-processing bug")
+        return list(doubled)
+
+    async def main() -> tuple[list[object], list[object]]:
+        batcher = Batcher(run, max_batch_size=2, max_queue_delay_s=0.0, max_queue_size=16, finish=finish)
+        batcher.start()
+        first = [batcher.submit(p) for p in range(2)]
+        second = [batcher.submit(p) for p in range(2, 4)]
+        await batcher.drain()  # returns only once the last batch has left the finishing thread
+        assert batcher.running == 0
+        done = [j.future for j in first + second]
+        assert all(f.done() for f in done)
+        return [f.exception() for f in done[:2]], [f.result() for f in done[2:]]
+
+    failed, ok = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) for e in failed) and ok == [4, 6]
+    assert calls == [[0, 2], [4, 6]]
