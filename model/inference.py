@@ -3,9 +3,8 @@
 - FrozenBatchNorm is folded into the convolution before it, as ONNX Runtime and TensorRT fold the exported
   graph; in torch eager it otherwise costs a multiply and an add over every feature map.
 - In fp16/bf16, convolution and linear weights are cast once, instead of by autocast on every call.
-- On a CPU, activations are channels_last, the layout oneDNN's convolutions want: in fp32 too (1.2 to 1.3x
-  eager NCHW at batch 1 and 4 for the R50 at 512x512 on 2 cores, timed ad hoc), and in bf16 for the AMX
-  and AVX512-BF16 kernels.
+- On a CPU, activations are channels_last, the layout oneDNN's convolutions run fastest in: in fp32 too,
+  and in bf16 for the AMX and AVX512-BF16 kernels.
   bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
 """
 
