@@ -21,7 +21,7 @@ from model.postprocess import postprocess
 from service import errors
 from service.backends import Backend, create_backend
 from service.batcher import Batcher, QueueFull
-from service.decode import Decoded, decode, prepare
+from service.decode import Decoded, decode_input
 from service.encode import encode_result
 from service.metrics import Metrics
 from service.settings import ServeSettings
@@ -210,7 +210,7 @@ class Pipeline:
         }
 
     def _decode(self, data: bytes) -> Decoded:
-        return prepare(decode(data, self.settings.max_image_pixels), self.cfg.input_size, self.cfg.pixel_mean)
+        return decode_input(data, self.settings.max_image_pixels, self.cfg.input_size, self.cfg.pixel_mean)
 
     async def drain(self) -> None:
         if self.batcher is not None:

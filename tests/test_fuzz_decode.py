@@ -1,5 +1,6 @@
-"""Property tests of the upload decoder: whatever the bytes, decode() returns an RGB image within the pixel
-limit or raises our ApiError (400/413/415), quickly. Anything else would be a 500 on the live server.
+"""Property tests of the upload decoder: whatever the bytes, decode() (and the server's decode_input()) returns
+an RGB image within the pixel limit or raises our ApiError (400/413/415), quickly. Anything else would be a 500
+on the live server.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.decode import decode
+from service.decode import decode, decode_input
 from service.errors import ApiError
 from tests.image_strategies import (
     huge_declared,
@@ -48,12 +49,15 @@ def check_decodes_or_refuses(data: bytes) -> None:
     with hard_time_limit(HARD_LIMIT_S):
         try:
             out = decode(data, MAX_PIXELS)
+            # the server's path, with reduced-scale decoding for any JPEG over twice this small input size
+            served = decode_input(data, MAX_PIXELS, (32, 32), (0.0, 0.0, 0.0))
         except ApiError as err:
             assert err.status in (400, 413, 415), (err.status, err.code)
             assert err.message and not INTERNALS.search(err.message), err.message
             return
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
     assert 0 < out.shape[0] * out.shape[1] <= MAX_PIXELS
+    assert served.orig_size == out.shape[:2] and served.input.shape == (3, 32, 32)
 
 
 @FUZZ

@@ -8,8 +8,14 @@ import torch
 from PIL import Image, ImageFile
 from pycocotools import mask as mask_utils
 
-from model.postprocess import Segment, SegmentationResult, map_result
-from service.decode import FORMATS, decode, prepare
+import service.decode
+from model import load_model
+from model.config import IMAGENET_MEAN
+from model.data.shapes import VAL_SEED, generate
+from model.inference import prepare_for_inference, run
+from model.postprocess import Segment, SegmentationResult, map_result, postprocess
+from model.preprocess import letterbox
+from service.decode import FORMATS, decode, decode_input, prepare
 from service.encode import encode_result, rle_counts_from_map
 from service.errors import ApiError
 from tests.images import awkward, encode, exif_rotated_jpeg, mpo_jpeg, rgb
@@ -82,6 +88,74 @@ def test_prepare_letterboxes_to_the_input_size():
     assert d.input.shape == (3, 128, 128) and d.input.dtype == torch.uint8
     assert d.image_size == (32, 128) and d.orig_size == (50, 200)
     assert d.input[:, 40:, :].flatten(1).unique(dim=1).tolist() == [[10], [20], [30]]
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (64, 90), (128, 128), (1, 500), (700, 1100)])
+def test_prepare_resizes_in_uint8_within_1_of_the_float_letterbox(shape):
+    rng = np.random.default_rng(sum(shape))
+    smooth = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(shape[::-1], Image.BILINEAR)
+    rgb = np.array(smooth)
+    rgb[::7] = rng.integers(0, 256, rgb[::7].shape, dtype=np.uint8)  # sharp lines too
+    fill = (123.675, 116.28, 103.53)
+    got = prepare(rgb, (128, 128), fill)
+    want, inner = letterbox(torch.from_numpy(rgb).permute(2, 0, 1).float(), (128, 128), fill)
+    want = want.round().clamp(0, 255).to(torch.uint8)
+    assert got.input.dtype == torch.uint8 and got.image_size == inner and got.orig_size == shape
+    assert (got.input.int() - want.int()).abs().max() <= 1
+    h, w = inner
+    assert torch.equal(got.input[:, h:], want[:, h:]) and torch.equal(got.input[:, :, w:], want[:, :, w:])
+
+
+def photo_jpeg(h: int, w: int, orientation: int = 1, seed: int = 0) -> bytes:
+    """A shapes validation image scaled up to a photo's size (stored w x h), with an EXIF orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img = Image.fromarray(generate(VAL_SEED + seed).image).resize((w, h), Image.BICUBIC)
+    return encode(img, "JPEG", quality=90, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_large_jpeg_decodes_at_reduced_scale_close_to_the_full_decode(orientation, monkeypatch):
+    data = photo_jpeg(1100, 1700, orientation)
+    decoded_sizes = []
+    real_pixels = service.decode.pixels
+    monkeypatch.setattr(service.decode, "pixels", lambda img: decoded_sizes.append(img.size) or real_pixels(img))
+    fast = decode_input(data, 10**8, (256, 256), IMAGENET_MEAN)
+    full = prepare(decode(data, 10**8), (256, 256), IMAGENET_MEAN)
+    assert decoded_sizes == [(425, 275), (1700, 1100)]  # 1/4 of each side (rounded up), then the whole image
+    upright = (1700, 1100) if orientation in (6, 8) else (1100, 1700)
+    assert fast.orig_size == full.orig_size == upright
+    assert fast.image_size == full.image_size
+    diff = (fast.input.int() - full.input.int()).abs()
+    assert diff.float().mean() < 1.0 and (diff > 8).float().mean() < 0.001, (diff.float().mean(), diff.max())
+
+
+@pytest.mark.parametrize(
+    "data",
+    [photo_jpeg(300, 500), encode(Image.fromarray(generate(VAL_SEED).image).resize((1700, 1100)), "PNG")],
+    ids=["jpeg-under-twice-the-input", "large-png"],
+)
+def test_other_images_take_the_full_decode(data):
+    fast = decode_input(data, 10**8, (256, 256), IMAGENET_MEAN)
+    full = prepare(decode(data, 10**8), (256, 256), IMAGENET_MEAN)
+    assert torch.equal(fast.input, full.input) and fast.orig_size == full.orig_size
+
+
+def test_reduced_scale_decoding_keeps_the_shipped_models_semantic_maps():
+    model = prepare_for_inference(load_model(), torch.device("cpu"), "fp32")
+    agreement = []
+    for seed in range(3):
+        data = photo_jpeg(1024, 1536, seed=seed)
+        maps = []
+        for d in (
+            decode_input(data, 10**8, model.cfg.input_size, model.cfg.pixel_mean),
+            prepare(decode(data, 10**8), model.cfg.input_size, model.cfg.pixel_mean),
+        ):
+            logits, masks = run(model, d.input[None], torch.device("cpu"), "fp32")
+            out = {"pred_logits": logits, "pred_masks": masks}
+            maps.append(postprocess(out, "semantic", model.info.isthing, [d.image_size], [d.orig_size])[0].label_map())
+        agreement.append((maps[0] == maps[1]).float().mean().item())
+    assert min(agreement) >= 0.995, agreement
 
 
 def test_rle_from_label_map_equals_pycocotools_per_mask():
