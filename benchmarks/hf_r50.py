@@ -33,11 +33,15 @@ def write(out: Path, size: int = 512, seed: int = 0) -> Path:
     )
     model = transformers.MaskFormerForInstanceSegmentation(cfg).eval()
     model.save_pretrained(out)
-    processor = transformers.MaskFormerImageProcessor(
+    image_processor(size).save_pretrained(out)
+    return out
+
+
+def image_processor(size: int = 512) -> transformers.MaskFormerImageProcessor:
+    """The baseline's processor: images fit in size x size, as our server's letterbox fits them."""
+    return transformers.MaskFormerImageProcessor(
         size={"shortest_edge": size, "longest_edge": size}, size_divisor=32, ignore_index=255
     )
-    processor.save_pretrained(out)
-    return out
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU comparison in benchmarks/results/cpu/: our server against the transformers baseline on the same
-# random-init R50 weights (ADE20K's 150 classes, 512x512), then post-processing on the same logits, then
-# the shipped model's variants with their semantic agreement with torch fp32.
+# random-init R50 weights (ADE20K's 150 classes, 512x512), then post-processing on the same logits and
+# preprocessing of the same JPEGs, then the shipped model's variants with their semantic agreement with
+# torch fp32.
 # Usage: benchmarks/run_cpu.sh [OUT_DIR]   (10 to 20 minutes on 2 cores; run it on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,7 @@ $py benchmarks/hf_r50.py --out "$work/r50-hf"
     --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90 \
     --serve-args "$timeout" "${bf16_server[@]}"
 $py benchmarks/postprocess_vs_transformers.py --hf "$work/r50-hf" --out "$out" --images 6 --repeats 3
+$py benchmarks/preprocess_vs_transformers.py --out "$out"
 # The random R50 gives one class everywhere, so its fidelity column says little: the shipped (trained)
 # model's model-level run says what bf16 and ONNX Runtime change in its semantic maps.
 .venv/bin/maskformer bench --skip-server --cache-dir "$work/cache" --out "$out/shipped" \

@@ -159,3 +159,19 @@ def test_gpu_benchmark_refuses_without_a_gpu(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2 and "no CUDA GPU" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing built, nothing written
+
+
+def test_preprocessing_benchmark_writes_its_report(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "preprocess_vs_transformers.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path), "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "preprocess.json").read_text())
+    assert [r["size"] for r in report["rows"]] == [[512, 512], [480, 640], [1080, 1920], [3000, 4000]]
+    for row in report["rows"]:
+        assert all(row[f"{side}_ms"] > 0 for side in ("ours", "ours_full_decode", "ours_float_resize", "transformers"))
+        # reduced-scale decoding only where the JPEG is at least twice the input size
+        small = row["size"][0] <= 512
+        assert (row["max_abs_diff_vs_full_decode"] == 0) == small, row
+    table = (tmp_path / "preprocess.md").read_text()
+    assert table.count("\n| 3000x4000 |") == 1 and "ours / transformers" in table
