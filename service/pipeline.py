@@ -48,7 +48,7 @@ class Inferred:
     """One batch's model outputs (on the backend's device), on their way to the finishing thread."""
 
     batch: Sequence[Work]
-    logits: torch.Tensor | None
+    logits: torch.Tensor | None  # None when the forward pass failed: then `error` answers every image
     masks: torch.Tensor | None
     infer_s: float
     error: errors.ApiError | None = None
@@ -131,9 +131,10 @@ class Pipeline:
 
     def finish_batch(self, inferred: Inferred) -> list[Any]:
         """Each image's post-processing on the device, in the finishing thread while the next batch runs."""
-        if inferred.error is not None or inferred.logits is None or inferred.masks is None:
+        if inferred.error is not None:
             return [inferred.error] * len(inferred.batch)
         logits, masks = inferred.logits, inferred.masks
+        assert logits is not None and masks is not None
         out: list[Any] = []
         for i, w in enumerate(inferred.batch):
             t1 = time.perf_counter()
