@@ -119,7 +119,7 @@ class Pipeline:
     def run_batch(self, batch: Sequence[Work]) -> Inferred:
         """One forward pass for the batch (tasks may differ); finish_batch post-processes it."""
         assert self.backend is not None
-        images = torch.stack([w.image.input for w in batch])
+        images = self.backend.stack([w.image.input for w in batch])
         t0 = time.perf_counter()
         try:
             logits, masks = self.backend.infer(images)

@@ -64,6 +64,15 @@ def test_onnxruntime_backend_matches_torch_and_caches_the_export(model_and_weigh
         assert (got - want).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_a_batch_is_stacked_in_pinned_memory_for_a_gpu_only(model_and_weights, device):
+    backend = TorchBackend(model_and_weights[0], torch.device(device), "fp32", 4)
+    inputs = list(images(3))
+    batch = backend.stack(inputs)
+    assert torch.equal(batch, torch.stack(inputs)) and batch.device.type == "cpu"
+    assert batch.is_pinned() == (device == "cuda")
+
+
 @CUDA
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_graphs_replay_equals_eager(model_and_weights, precision):
