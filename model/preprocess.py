@@ -25,7 +25,7 @@ def letterbox(
         image = F.interpolate(image[None], size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
     value = torch.tensor(fill, dtype=torch.float64)
     if image.dtype == torch.uint8:
-        value = value.round()
+        value = value.round().clamp(0, 255)
     out = value.to(image.dtype).to(image.device).view(3, 1, 1).repeat(1, *size)
     out[:, :rh, :rw] = image
     return out, (rh, rw)

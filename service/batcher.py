@@ -8,7 +8,8 @@
 - One batch runs at a time, in a worker thread, so the event loop keeps accepting and decoding requests.
 - With a `finish` stage (post-processing), batch n finishes in a second thread while batch n+1 runs: the
   forward pass of one overlaps the host work of the other. At most one batch waits to finish, so a slow
-  finish holds the next forward pass back instead of piling up model outputs.
+  finish holds the next forward pass back instead of piling up model outputs. `overlap=False` keeps the
+  stages in turn (the next batch runs once the last one has finished).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Batcher:
         max_queue_size: int,
         on_batch: Callable[[int, int], None] | None = None,
         finish: FinishFn | None = None,
+        overlap: bool = True,
     ) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
@@ -56,6 +58,7 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch  # (batch size, requests still waiting), as each batch leaves the queue
         self.finish = finish
+        self.overlap = overlap
         self.queue: deque[Job] = deque()
         self.running = 0  # jobs taken from the queue and not answered yet (running or finishing)
         self._wakeup = asyncio.Event()
@@ -124,9 +127,11 @@ class Batcher:
             if self._finisher is None:
                 self._answer(batch, out)
                 continue
-            if self._finishing is not None:
-                await self._finishing  # the batch before this one has left the finishing thread
+            if self._finishing is not None:  # the batch before this one must have left the finishing thread;
+                await asyncio.shield(self._finishing)  # shielded: a cancelled loop still answers that batch
             self._finishing = loop.create_task(self._finish(batch, out))
+            if not self.overlap:
+                await asyncio.shield(self._finishing)
 
     async def _finish(self, batch: list[Job], out: Any) -> None:
         assert self.finish is not None and self._finisher is not None
@@ -138,6 +143,8 @@ class Batcher:
 
     def _answer(self, batch: list[Job], results: Sequence[Any]) -> None:
         self.running -= len(batch)
+        if len(results) != len(batch):  # a bug below; every job must still be answered
+            results = [RuntimeError(f"{len(results)} results for a batch of {len(batch)}")] * len(batch)
         for job, result in zip(batch, results):
             if job.future.done():
                 continue  # cancelled while running

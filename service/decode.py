@@ -79,11 +79,11 @@ def decode(data: bytes, max_pixels: int) -> np.ndarray:
 def decode_input(
     data: bytes, max_pixels: int, input_size: tuple[int, int], fill: tuple[float, float, float]
 ) -> Decoded:
-    """decode() then prepare(), the server's path. A JPEG at least twice the input size (both sides, upright)
-    decodes at libjpeg's reduced DCT scale, 1/2, 1/4 or 1/8 of each side and never below what the letterbox
-    needs: a 12-megapixel photo then costs a fraction of its full decode, copies and resize, for pixels that
-    differ from the full path's by about 0.2 levels on average (benchmarks/preprocess_vs_transformers.py).
-    Results still come back at the original's size."""
+    """decode() then prepare(), the server's path. A JPEG that the letterbox shrinks at least twofold decodes
+    at libjpeg's reduced DCT scale, 1/2, 1/4 or 1/8 of each side and never below what the letterbox needs:
+    a 12-megapixel photo then costs a fraction of its full decode, copies and resize, for pixels that differ
+    from the full path's by about 0.2 levels on average (benchmarks/preprocess_vs_transformers.py). Results
+    still come back at the original's size."""
     img = open_image(data, max_pixels)
     if not isinstance(img, JpegImagePlugin.JpegImageFile):
         return prepare(pixels(img), input_size, fill)

@@ -96,7 +96,8 @@ class Pipeline:
             )
 
     def start(self) -> None:
-        """Start the batcher on the running event loop."""
+        """Start the batcher on the running event loop, once load() has created the backend."""
+        assert self.backend is not None
         s = self.settings
         self.batcher = Batcher(
             self.run_batch,
@@ -105,6 +106,7 @@ class Pipeline:
             s.max_queue_size,
             on_batch=self.batch_taken,
             finish=self.finish_batch,
+            overlap=self.backend.overlaps_postprocessing,
         )
         self.batcher.start()
 
@@ -156,6 +158,8 @@ class Pipeline:
                 out.append(errors.inference_failed(error_id))
                 continue
             out.append((result, inferred.infer_s, time.perf_counter() - t1))
+        if logits.is_cuda:  # outputs from a backend's own stream: done with them before it reuses their memory
+            torch.cuda.current_stream(logits.device).synchronize()
         return out
 
     # -- one request -----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import atheris
 import torch  # noqa: F401 - imported uninstrumented first: only Pillow and our code get coverage feedback
 
 with atheris.instrument_imports(include=["PIL", "service"]):
-    from service.decode import decode
+    from service.decode import decode, decode_input
     from service.errors import ApiError
 
 MAX_PIXELS = 4_000_000
@@ -25,6 +25,7 @@ MAX_PIXELS = 4_000_000
 def test_one_input(data: bytes) -> None:
     try:
         decode(data, MAX_PIXELS)
+        decode_input(data, MAX_PIXELS, (32, 32), (0.0, 0.0, 0.0))  # the server's path: reduced-scale JPEGs too
     except ApiError:
         pass
 

@@ -71,6 +71,8 @@ def test_a_batch_is_stacked_in_pinned_memory_for_a_gpu_only(model_and_weights, d
     batch = backend.stack(inputs)
     assert torch.equal(batch, torch.stack(inputs)) and batch.device.type == "cpu"
     assert batch.is_pinned() == (device == "cuda")
+    # on CUDA its forward pass shares post-processing's stream, so the two are not overlapped
+    assert backend.overlaps_postprocessing == (device == "cpu")
 
 
 @CUDA

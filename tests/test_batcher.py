@@ -162,3 +162,39 @@ def test_a_finish_stage_that_raises_fails_its_batch_only_and_drain_waits_for_fin
     failed, ok = asyncio.run(main())
     assert all(isinstance(e, RuntimeError) for e in failed) and ok == [4, 6]
     assert calls == [[0, 2], [4, 6]]
+
+
+def test_without_overlap_the_next_batch_waits_for_the_last_to_finish():
+    run, finish = Recorder(), Finisher()
+
+    async def main() -> list[object]:
+        batcher = Batcher(run, 1, 0.0, 16, finish=finish, overlap=False)
+        batcher.start()
+        try:
+            jobs = [batcher.submit(p) for p in range(2)]
+            assert await asyncio.to_thread(finish.entered.wait, 30)
+            await asyncio.sleep(0.3)
+            assert run.batches == [[0]]  # batch 1 has not run while batch 0 finishes
+            finish.release.set()
+            return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), 30))
+        finally:
+            finish.release.set()
+            await batcher.drain()
+
+    assert asyncio.run(main()) == [1, 3]
+    assert run.batches == [[0], [1]]
+
+
+def test_a_finish_stage_that_loses_results_still_answers_every_job():
+    async def main() -> list[object]:
+        batcher = Batcher(Recorder(), 3, 0.0, 16, finish=lambda doubled: list(doubled)[:1])
+        batcher.start()
+        jobs = [batcher.submit(p) for p in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs), return_exceptions=True), 30)
+        await batcher.drain()
+        return list(results)
+
+    results = asyncio.run(main())
+    assert len(results) == 3 and all(
+        isinstance(r, RuntimeError) and "1 results for a batch of 3" in str(r) for r in results
+    )

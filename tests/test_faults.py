@@ -22,6 +22,7 @@ import torch
 from export.onnx import export_onnx
 from model.checkpoint import save_model
 from model.maskformer import ModelInfo, build_model
+from model.postprocess import postprocess
 from service.backends.ort_backend import cached_onnx
 from service.settings import ServeSettings
 from tests.conftest import tiny_config
@@ -225,3 +226,37 @@ def test_a_bad_cached_onnx_stops_start_up_with_its_reason(weights, tmp_path, exp
     text = log.read()
     assert "cannot serve" in text and cached.name in text and "delete it" in text, text[-3000:]
     assert "Traceback" not in text.split("cannot serve")[1]  # the reason is the last word, not a stack
+
+
+def test_one_batch_is_post_processed_while_the_next_runs(server, monkeypatch):
+    url, app = server
+    in_post, second_forward = threading.Event(), threading.Event()
+    overlapped: list[bool] = []
+    threads: set[str] = set()
+
+    def held_post(*args, **kwargs):  # the first image's post-processing waits for the next forward pass
+        threads.add(threading.current_thread().name)
+        if not in_post.is_set():
+            in_post.set()
+            overlapped.append(second_forward.wait(20))
+        return postprocess(*args, **kwargs)
+
+    def record(infer, images):
+        if in_post.is_set():
+            second_forward.set()
+        return infer(images)
+
+    monkeypatch.setattr("service.pipeline.postprocess", held_post)
+    image = encode(rgb(), "PNG")
+    post = lambda: httpx.post(f"{url}/segment", files={"image": ("x.png", image)}, timeout=60)  # noqa: E731
+    restore = swap_infer(app, record)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post)
+            assert in_post.wait(30)
+            second = pool.submit(post)
+            assert first.result().status_code == 200 and second.result().status_code == 200
+    finally:
+        restore()
+    assert overlapped == [True]  # the second forward pass ran while the first batch was being post-processed
+    assert threads and all(name.startswith("finish") for name in threads)

@@ -253,35 +253,6 @@ def test_mixed_tasks_share_a_batch(server):
     assert max(calls) > 1
 
 
-def test_one_batch_is_post_processed_while_the_next_runs(server, monkeypatch):
-    url, app = server
-    in_post, second_forward = threading.Event(), threading.Event()
-    overlapped: list[bool] = []
-    threads: set[str] = set()
-
-    def held_post(*args, **kwargs):  # the first image's post-processing waits for the next forward pass
-        threads.add(threading.current_thread().name)
-        if not in_post.is_set():
-            in_post.set()
-            overlapped.append(second_forward.wait(20))
-        return postprocess(*args, **kwargs)
-
-    def record(infer, images):
-        if in_post.is_set():
-            second_forward.set()
-        return infer(images)
-
-    monkeypatch.setattr("service.pipeline.postprocess", held_post)
-    post = lambda: httpx.post(f"{url}/segment", files={"image": ("x.png", png())}, timeout=60)  # noqa: E731
-    with patched_backend(app, record), ThreadPoolExecutor(2) as pool:
-        first = pool.submit(post)
-        assert in_post.wait(30)
-        second = pool.submit(post)
-        assert first.result().status_code == 200 and second.result().status_code == 200
-    assert overlapped == [True]  # the second forward pass ran while the first batch was being post-processed
-    assert threads and all(name.startswith("finish") for name in threads)
-
-
 def test_overload_gets_503_with_retry_after(server):
     url, app = server
     batcher = app.state.pipeline.batcher

@@ -114,7 +114,7 @@ def photo_jpeg(h: int, w: int, orientation: int = 1, seed: int = 0) -> bytes:
     return encode(img, "JPEG", quality=90, exif=exif.tobytes())
 
 
-@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("orientation", range(1, 9))
 def test_a_large_jpeg_decodes_at_reduced_scale_close_to_the_full_decode(orientation, monkeypatch):
     data = photo_jpeg(1100, 1700, orientation)
     decoded_sizes = []
@@ -123,7 +123,7 @@ def test_a_large_jpeg_decodes_at_reduced_scale_close_to_the_full_decode(orientat
     fast = decode_input(data, 10**8, (256, 256), IMAGENET_MEAN)
     full = prepare(decode(data, 10**8), (256, 256), IMAGENET_MEAN)
     assert decoded_sizes == [(425, 275), (1700, 1100)]  # 1/4 of each side (rounded up), then the whole image
-    upright = (1700, 1100) if orientation in (6, 8) else (1100, 1700)
+    upright = (1700, 1100) if orientation >= 5 else (1100, 1700)  # 5 to 8 swap width and height
     assert fast.orig_size == full.orig_size == upright
     assert fast.image_size == full.image_size
     diff = (fast.input.int() - full.input.int()).abs()

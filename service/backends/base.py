@@ -19,6 +19,10 @@ class Backend(abc.ABC):
     device: torch.device
     precision: str
     max_batch_size: int
+    # Whether one batch's post-processing (on `device`, in another thread) may overlap the next batch's
+    # forward pass. Not when the forward pass is queued on the CUDA stream post-processing uses too: its
+    # host syncs would then wait for the next batch's whole forward pass, and nothing would be gained.
+    overlaps_postprocessing: bool = True
 
     @abc.abstractmethod
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]: ...

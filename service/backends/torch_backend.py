@@ -29,6 +29,7 @@ class TorchBackend(Backend):
         if cuda_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
+        self.overlaps_postprocessing = device.type != "cuda"  # on CUDA, both use the current stream
         self.model = prepare_for_inference(model, device, precision)  # ValueError for a precision it can't run
         self.module = torch.compile(self.model, dynamic=False) if compile else self.model
         self.cuda_graphs = cuda_graphs
