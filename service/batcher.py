@@ -6,8 +6,8 @@
 - A request whose future was cancelled (timeout, client gone) is dropped when its batch is formed; the
   rest of the batch is unaffected.
 - One batch runs at a time, in a worker thread, so the event loop keeps accepting and decoding requests.
-- With a `finish` stage (post-processing), batch n finishes in a second thread while batch n+1 runs: the
-  forward pass of one overlaps the host work of the other. At most one batch waits to finish, so a slow
+- A batch then finishes (post-processing, say) in a second thread while the next batch runs: the forward
+  pass of one overlaps the host work of the other. At most one batch waits to finish, so a slow
   finish holds the next forward pass back instead of piling up model outputs. `overlap=False` keeps the
   stages in turn (the next batch runs once the last one has finished).
 """
@@ -35,10 +35,14 @@ class Job:
     started: float = 0.0  # when its batch began to run
 
 
-# Runs one batch in the worker thread: a result (or an exception) per payload, in order; with a finish
-# stage, anything, which finish turns into those results in the finishing thread.
+# Runs one batch in the worker thread, returning anything; finish turns that, in the finishing thread, into
+# a result (or an exception) per payload, in order. Without a finish, run_batch returns those results.
 BatchFn = Callable[[Sequence[Any]], Any]
 FinishFn = Callable[[Any], Sequence[Any]]
+
+
+def as_they_are(results: Any) -> Sequence[Any]:
+    return results
 
 
 class Batcher:
@@ -57,13 +61,13 @@ class Batcher:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.on_batch = on_batch  # (batch size, requests still waiting), as each batch leaves the queue
-        self.finish = finish
+        self.finish = finish or as_they_are
         self.overlap = overlap
         self.queue: deque[Job] = deque()
         self.running = 0  # jobs taken from the queue and not answered yet (running or finishing)
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
-        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") if finish else None
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish")
         self._finishing: asyncio.Future[None] | None = None  # the batch finishing in the second thread
         self._task: asyncio.Task[None] | None = None
 
@@ -124,9 +128,6 @@ class Batcher:
             except Exception as err:  # the whole batch failed; the next one still runs
                 self._answer(batch, [err] * len(batch))
                 continue
-            if self._finisher is None:
-                self._answer(batch, out)
-                continue
             if self._finishing is not None:  # the batch before this one must have left the finishing thread;
                 await asyncio.shield(self._finishing)  # shielded: a cancelled loop still answers that batch
             self._finishing = loop.create_task(self._finish(batch, out))
@@ -134,7 +135,6 @@ class Batcher:
                 await asyncio.shield(self._finishing)
 
     async def _finish(self, batch: list[Job], out: Any) -> None:
-        assert self.finish is not None and self._finisher is not None
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._finisher, self.finish, out)
         except Exception as err:
@@ -161,5 +161,4 @@ class Batcher:
         if self._task:
             self._task.cancel()
         self._executor.shutdown(wait=True)
-        if self._finisher is not None:
-            self._finisher.shutdown(wait=True)
+        self._finisher.shutdown(wait=True)

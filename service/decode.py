@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from model.preprocess import letterbox
 from service import errors
@@ -20,7 +20,6 @@ from service import errors
 FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "TIFF": "image/tiff"}
 MEDIA_TYPES = sorted(set(FORMATS.values()) | {"image/jpg"})
 
-ORIENTATION = 0x0112  # the EXIF tag
 TRANSPOSED = (5, 6, 7, 8)  # orientations whose upright image swaps width and height
 
 # Our own pixel limit is checked from the header; Pillow's bomb check would fire first with its own error.
@@ -124,7 +123,7 @@ def exif_orientation(img: Image.Image) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return int(img.getexif().get(ORIENTATION, 1))
+            return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except Exception:  # corrupt EXIF: exif_transpose will not turn the image either
         return 1
 
