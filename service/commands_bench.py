@@ -101,6 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "servers": servers,
             "ratios": report.ratios(servers),
             "efficiency": report.efficiency(servers, result.get("model")),
+            "ceiling_ratios": report.ceiling_ratios(servers, result.get("model")),
         }
     paths = report.write(result, args.out)
     for path in paths:

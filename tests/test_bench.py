@@ -15,6 +15,7 @@ import torch
 
 from service.bench import report as bench_report
 from service.bench.model_bench import agreement, parse_variant
+from service.bench.roofline import Roofline, forward_gflop, matmul_gflops
 from service.cli import main as cli
 from tests.test_docker_scripts import SHELLCHECK
 
@@ -63,6 +64,13 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
         assert r["img_per_s"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["peak_mib"] > 0
     # torch fp32 on the CPU is the reference (run at another batch size); the ONNX export matches it
     assert all(r["semantic_agreement"] >= 0.999 for r in rows)
+    # both variants run fp32 on the CPU: one matmul rate, and each row's share of it
+    model = report["model"]
+    assert model["gflop_per_image"] > 0 and list(model["matmul_gflops"]) == ["cpu fp32"]
+    rate = model["matmul_gflops"]["cpu fp32"]
+    assert model["ceiling_img_per_s"] == {"cpu fp32": round(rate / model["gflop_per_image"], 3)}
+    for r in rows:
+        assert r["of_matmul_rate"] == pytest.approx(r["img_per_s"] * model["gflop_per_image"] / rate, abs=2e-3)
     try:
         import tensorrt  # noqa: F401
     except ImportError:  # no TensorRT here: the variant is reported as skipped, with the reason
@@ -85,9 +93,16 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     eff = [(r["server"], r["concurrency"], r["variant"], r["batch"]) for r in server["efficiency"]]
     assert eff == [(n, c, v, 2) for n, v in zip(names[:2], ("onnxruntime", "torch")) for c in (1, 3)]
     assert all(r["ratio"] == round(r["server_img_per_s"] / r["raw_img_per_s"], 3) > 0 for r in server["efficiency"])
+    baseline = {r["concurrency"]: r["img_per_s"] for r in server["servers"][2]["rows"]}
+    ceiling = model["ceiling_img_per_s"]["cpu fp32"]
+    assert server["ceiling_ratios"] == [
+        {"ceiling": "cpu fp32", "concurrency": c, "ratio": round(ceiling / baseline[c], 3)} for c in (1, 3)
+    ]
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and " % |" in md and "Agreement: semantic pixels" in md
+    assert f"(cpu fp32 {rate} GFLOP/s)" in md and f"would serve cpu fp32 {ceiling} img/s" in md
+    assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
     assert "maskformer --backend torch --max-batch-size 2 / transformers baseline, img/s:" in md
     assert "maskformer --backend torch --max-batch-size 2 / its raw backend (torch at batch 2), img/s:" in md
@@ -140,6 +155,29 @@ def test_efficiency_skips_servers_that_cannot_be_matched():
     (only,) = bench_report.efficiency(servers, model)
     assert (only["server"], only["variant"], only["batch"], only["ratio"]) == ("ours", "torch", 2, 0.75)
     assert bench_report.efficiency(servers, None) == []
+
+
+def test_forward_flops_are_counted_once_and_leave_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    model[2].requires_grad_(False)
+    flop = 2 * (8 * 3 * 9 + 4 * 8) * 16 * 20  # multiply-adds per output pixel, counted twice
+    assert forward_gflop(model, (16, 20)) == pytest.approx(flop / 1e9)
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, False]
+
+
+def test_roofline_fractions_and_ceilings():
+    roofline = Roofline(gflop_per_image=50.0)
+    roofline.rates["cpu fp32"] = 200.0  # measured once per device and precision; here given
+    assert roofline.fraction(3.0, "cpu", "fp32") == 0.75 and roofline.ceilings() == {"cpu fp32": 4.0}
+    assert roofline.rate("cpu", "fp32") == 200.0
+    baseline = {"name": bench_report.BASELINE, "rows": [{"concurrency": 4, "img_per_s": 1.6}]}
+    model = {"ceiling_img_per_s": roofline.ceilings()}
+    assert bench_report.ceiling_ratios([baseline], model) == [{"ceiling": "cpu fp32", "concurrency": 4, "ratio": 2.5}]
+    assert bench_report.ceiling_ratios([], model) == [] and bench_report.ceiling_ratios([baseline], None) == []
+
+
+def test_a_matmul_rate_is_measured():
+    assert matmul_gflops(torch.device("cpu"), "fp32") > 0
 
 
 BENCH_SCRIPTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*.sh"))

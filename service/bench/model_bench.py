@@ -3,7 +3,8 @@
 A variant is `backend[:precision][+compile][+graphs]`, e.g. `torch`, `torch:bf16`, `torch:fp16+graphs`,
 `onnxruntime`, `tensorrt:fp16`. Variants this machine cannot run are reported as skipped, with the reason.
 Each variant also segments a few shapes validation images, and the report says how many of their semantic
-pixels agree with torch fp32 on the CPU: what a faster variant costs in fidelity.
+pixels agree with torch fp32 on the CPU: what a faster variant costs in fidelity. Each row also says what
+share of the machine's matmul rate in its precision the forward pass reaches (service/bench/roofline.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from model.data.shapes import VAL_SEED, generate
 from model.inference import prepare_for_inference, run
 from model.postprocess import postprocess
 from service.backends import create_backend
+from service.bench.roofline import Roofline, forward_gflop
 from service.settings import ServeSettings
 
 
@@ -199,6 +201,7 @@ def bench_models(
     """Rows for every variant and batch size; a variant that cannot run here gives one `skipped` row."""
     cfg, info = read_metadata(weights)
     reference = reference_maps(weights, fidelity_images(cfg.input_size), info.isthing)
+    roofline = Roofline(forward_gflop(load_model(weights), cfg.input_size))
     rows, skipped = [], []
     for text in variants:
         variant = parse_variant(text)
@@ -208,15 +211,19 @@ def bench_models(
             skipped.append({"variant": text, "reason": f"{type(err).__name__}: {err}"})
             progress(f"  {text}: skipped ({type(err).__name__}: {err})")
             continue
-        rows += new
         for r in new:
+            r["of_matmul_rate"] = roofline.fraction(r["img_per_s"], r["device"], r["precision"])
             progress(f"  {text} batch {r['batch']}: {r['img_per_s']} img/s, p50 {r['p50_ms']} ms")
+        rows += new
     return {
         "weights": str(weights),
         "model": info.name,
         "input_size": list(cfg.input_size),
         "threads": torch.get_num_threads(),
         "fidelity_images": FIDELITY_IMAGES,
+        "gflop_per_image": roofline.gflop_per_image,
+        "matmul_gflops": roofline.rates,
+        "ceiling_img_per_s": roofline.ceilings(),
         "rows": rows,
         "skipped": skipped,
     }

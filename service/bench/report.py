@@ -46,6 +46,22 @@ def ratios(servers: list[dict]) -> list[dict]:
     return out
 
 
+def ceiling_ratios(servers: list[dict], model: dict | None) -> list[dict]:
+    """The forward pass's img/s at the measured matmul rates over the baseline's img/s at each concurrency.
+
+    Below 2 in fp32, no fp32 server doubles the baseline on this machine without doing less arithmetic.
+    """
+    base = next((s for s in servers if s["name"] == BASELINE), None)
+    if base is None or not model or not model.get("ceiling_img_per_s"):
+        return []
+    return [
+        {"ceiling": key, "concurrency": r["concurrency"], "ratio": round(value / r["img_per_s"], 3)}
+        for key, value in model["ceiling_img_per_s"].items()
+        for r in base["rows"]
+        if r["img_per_s"] > 0
+    ]
+
+
 def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
     """Each of our servers' img/s over its own backend's raw img/s at the server's max batch size, from the
     model-level rows of the same variant (backend, precision, compile, CUDA graphs) on the same device.
@@ -101,22 +117,32 @@ def markdown(report: dict) -> str:
         lines += [
             f"## Model level: {model['model']} at {h}x{w}, {model['threads']} threads",
             "",
-            "| variant | device | batch | img/s | p50 ms | p90 ms | p99 ms | peak MiB | agreement |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| variant | device | batch | img/s | p50 ms | p90 ms | p99 ms | peak MiB | agreement | of matmul rate |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in model["rows"]:
             agree = "-" if r.get("semantic_agreement") is None else f"{100 * r['semantic_agreement']:.3f} %"
             lines.append(
                 f"| {r['variant']} | {r['device']} | {r['batch']} | {r['img_per_s']} | {r['p50_ms']} | "
-                f"{r['p90_ms']} | {r['p99_ms']} | {r['peak_mib']} ({r['memory']}) | {agree} |"
+                f"{r['p90_ms']} | {r['p99_ms']} | {r['peak_mib']} ({r['memory']}) | {agree} | "
+                f"{_percent(r.get('of_matmul_rate'))} |"
             )
-        lines += [f"| {s['variant']} | skipped: {s['reason']} | | | | | | | |" for s in model["skipped"]]
+        lines += [f"| {s['variant']} | skipped: {s['reason']} | | | | | | | | |" for s in model["skipped"]]
         lines += [
             "",
             f"Agreement: semantic pixels with torch fp32 on the CPU, worst of {model.get('fidelity_images', '?')} "
             "shapes validation images, run once per variant at its largest batch size (a random-init model may "
             "give one class everywhere: 100 % there says little).",
         ]
+        if model.get("matmul_gflops"):
+            rates = ", ".join(f"{k} {v} GFLOP/s" for k, v in model["matmul_gflops"].items())
+            ceilings = ", ".join(f"{k} {v} img/s" for k, v in model["ceiling_img_per_s"].items())
+            lines += [
+                "",
+                f"Of matmul rate: the forward pass's {model['gflop_per_image']:.4g} GFLOP per image times its "
+                f"img/s, over a large square matmul's measured rate in the same precision ({rates}). At those "
+                f"rates the forward pass alone would serve {ceilings}.",
+            ]
         lines.append("")
     server = report.get("server")
     if server:
@@ -141,12 +167,23 @@ def markdown(report: dict) -> str:
                 for r in server["ratios"]
                 if r["server"] == name
             ]
+        for key in dict.fromkeys(r["ceiling"] for r in server.get("ceiling_ratios", [])):
+            lines += ["", f"The forward pass alone at the {key} matmul rate / transformers baseline, img/s:"]
+            lines += [
+                f"- concurrency {r['concurrency']}: {r['ratio']}x"
+                for r in server["ceiling_ratios"]
+                if r["ceiling"] == key
+            ]
         for name in dict.fromkeys(r["server"] for r in server.get("efficiency", [])):
             rows = [r for r in server["efficiency"] if r["server"] == name]
             lines += ["", f"{name} / its raw backend ({rows[0]['variant']} at batch {rows[0]['batch']}), img/s:"]
             lines += [f"- concurrency {r['concurrency']}: {r['ratio']}" for r in rows]
         lines.append("")
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f} %"
 
 
 def plot(report: dict, path: Path) -> bool:
