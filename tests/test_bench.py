@@ -66,7 +66,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert all(r["semantic_agreement"] >= 0.999 for r in rows)
     # both variants run fp32 on the CPU: one matmul rate, and each row's share of it
     model = report["model"]
-    assert model["gflop_per_image"] > 0 and list(model["matmul_gflops"]) == ["cpu fp32"]
+    assert model["gflop_per_image"] == pytest.approx(sum(model["gflop_by_op"].values()), rel=1e-3)
+    assert model["gflop_by_op"]["convolution"] > 0 and list(model["matmul_gflops"]) == ["cpu fp32"]
     rate = model["matmul_gflops"]["cpu fp32"]
     assert model["ceiling_img_per_s"] == {"cpu fp32": round(rate / model["gflop_per_image"], 3)}
     for r in rows:
@@ -101,7 +102,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and " % |" in md and "Agreement: semantic pixels" in md
-    assert f"(cpu fp32 {rate} GFLOP/s)" in md and f"would serve cpu fp32 {ceiling} img/s" in md
+    assert f"(cpu fp32 {rate} GFLOP/s)" in md and "GFLOP per image (convolution " in md
+    assert f"would serve cpu fp32 {ceiling} img/s" in md
     assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
     assert "maskformer --backend torch --max-batch-size 2 / transformers baseline, img/s:" in md
@@ -161,12 +163,12 @@ def test_forward_flops_are_counted_once_and_leave_the_model_as_it_was():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     model[2].requires_grad_(False)
     flop = 2 * (8 * 3 * 9 + 4 * 8) * 16 * 20  # multiply-adds per output pixel, counted twice
-    assert forward_gflop(model, (16, 20)) == pytest.approx(flop / 1e9)
+    assert forward_gflop(model, (16, 20)) == {"convolution": pytest.approx(flop / 1e9)}
     assert [p.requires_grad for p in model.parameters()] == [True, True, False, False]
 
 
 def test_roofline_fractions_and_ceilings():
-    roofline = Roofline(gflop_per_image=50.0)
+    roofline = Roofline({"convolution": 45.0, "addmm": 5.0})
     roofline.rates["cpu fp32"] = 200.0  # measured once per device and precision; here given
     assert roofline.fraction(3.0, "cpu", "fp32") == 0.75 and roofline.ceilings() == {"cpu fp32": 4.0}
     assert roofline.rate("cpu", "fp32") == 200.0

@@ -222,6 +222,7 @@ def bench_models(
         "threads": torch.get_num_threads(),
         "fidelity_images": FIDELITY_IMAGES,
         "gflop_per_image": roofline.gflop_per_image,
+        "gflop_by_op": {op: round(n, 4) for op, n in roofline.gflop_by_op.items()},
         "matmul_gflops": roofline.rates,
         "ceiling_img_per_s": roofline.ceilings(),
         "rows": rows,

@@ -20,8 +20,8 @@ MATMUL_SIDE = {"cpu": 4096, "cuda": 8192}  # large enough to reach a device's su
 MATMUL_SECONDS = 1.0  # timed products stop after this much time (at least two run)
 
 
-def forward_gflop(model: nn.Module, input_size: tuple[int, int]) -> float:
-    """GFLOP (multiply and add counted apart) of one image's forward pass at the input size, in fp32."""
+def forward_gflop(model: nn.Module, input_size: tuple[int, int]) -> dict[str, float]:
+    """GFLOP (multiply and add counted apart) of one image's forward pass at the input size, per operator."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model.float().eval()
@@ -34,7 +34,8 @@ def forward_gflop(model: nn.Module, input_size: tuple[int, int]) -> float:
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-    return counter.get_total_flops() / 1e9
+    counts = counter.get_flop_counts()["Global"]
+    return {str(op).split(".")[-1]: n / 1e9 for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
 
 
 def matmul_gflops(device: torch.device, precision: str) -> float:
@@ -62,8 +63,9 @@ def _sync(device: torch.device) -> None:
 class Roofline:
     """Matmul rates measured once per (device, precision), and each forward pass's share of them."""
 
-    def __init__(self, gflop_per_image: float) -> None:
-        self.gflop_per_image = gflop_per_image
+    def __init__(self, gflop_by_op: dict[str, float]) -> None:
+        self.gflop_by_op = gflop_by_op
+        self.gflop_per_image = sum(gflop_by_op.values())
         self.rates: dict[str, float] = {}
 
     def rate(self, device: str, precision: str) -> float:
