@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from service.bench import report as bench_report
+from service.bench import roofline as roofline_module
 from service.bench.model_bench import agreement, parse_variant
 from service.bench.roofline import Roofline, forward_gflop, matmul_gflops
 from service.cli import main as cli
@@ -68,6 +69,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     model = report["model"]
     assert model["gflop_per_image"] == pytest.approx(sum(model["gflop_by_op"].values()), rel=1e-3)
     assert model["gflop_by_op"]["convolution"] > 0 and list(model["matmul_gflops"]) == ["cpu fp32"]
+    assert model["matmul_samples"] == {"cpu fp32": 3}  # next to each of the two variants, and at the end
     rate = model["matmul_gflops"]["cpu fp32"]
     assert model["ceiling_img_per_s"] == {"cpu fp32": round(rate / model["gflop_per_image"], 3)}
     for r in rows:
@@ -102,7 +104,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and " % |" in md and "Agreement: semantic pixels" in md
-    assert f"(cpu fp32 {rate} GFLOP/s)" in md and "GFLOP per image (convolution " in md
+    assert f"(cpu fp32 {rate} GFLOP/s, best of 3 samples)" in md and "GFLOP per image (convolution " in md
     assert f"would serve cpu fp32 {ceiling} img/s" in md
     assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
@@ -167,11 +169,15 @@ def test_forward_flops_are_counted_once_and_leave_the_model_as_it_was():
     assert [p.requires_grad for p in model.parameters()] == [True, True, False, False]
 
 
-def test_roofline_fractions_and_ceilings():
+def test_roofline_keeps_the_best_sample(monkeypatch):
+    measured = iter([150.0, 200.0, 120.0])
+    monkeypatch.setattr(roofline_module, "matmul_gflops", lambda device, precision: next(measured))
     roofline = Roofline({"convolution": 45.0, "addmm": 5.0})
-    roofline.rates["cpu fp32"] = 200.0  # measured once per device and precision; here given
+    roofline.sample("cpu", "fp32")
+    roofline.sample("cpu", "fp32")
+    roofline.resample()
+    assert roofline.rates == {"cpu fp32": 200.0} and roofline.samples == {"cpu fp32": 3}
     assert roofline.fraction(3.0, "cpu", "fp32") == 0.75 and roofline.ceilings() == {"cpu fp32": 4.0}
-    assert roofline.rate("cpu", "fp32") == 200.0
     baseline = {"name": bench_report.BASELINE, "rows": [{"concurrency": 4, "img_per_s": 1.6}]}
     model = {"ceiling_img_per_s": roofline.ceilings()}
     assert bench_report.ceiling_ratios([baseline], model) == [{"ceiling": "cpu fp32", "concurrency": 4, "ratio": 2.5}]

@@ -212,9 +212,13 @@ def bench_models(
             progress(f"  {text}: skipped ({type(err).__name__}: {err})")
             continue
         for r in new:
-            r["of_matmul_rate"] = roofline.fraction(r["img_per_s"], r["device"], r["precision"])
             progress(f"  {text} batch {r['batch']}: {r['img_per_s']} img/s, p50 {r['p50_ms']} ms")
+        if new:
+            roofline.sample(new[0]["device"], variant.precision)
         rows += new
+    roofline.resample()  # a second sample for every rate, minutes after the first
+    for r in rows:
+        r["of_matmul_rate"] = roofline.fraction(r["img_per_s"], r["device"], r["precision"])
     return {
         "weights": str(weights),
         "model": info.name,
@@ -224,6 +228,7 @@ def bench_models(
         "gflop_per_image": roofline.gflop_per_image,
         "gflop_by_op": {op: round(n, 4) for op, n in roofline.gflop_by_op.items()},
         "matmul_gflops": roofline.rates,
+        "matmul_samples": roofline.samples,
         "ceiling_img_per_s": roofline.ceilings(),
         "rows": rows,
         "skipped": skipped,

@@ -135,15 +135,18 @@ def markdown(report: dict) -> str:
             "give one class everywhere: 100 % there says little).",
         ]
         if model.get("matmul_gflops"):
-            rates = ", ".join(f"{k} {v} GFLOP/s" for k, v in model["matmul_gflops"].items())
+            samples = model.get("matmul_samples", {})
+            rates = ", ".join(
+                f"{k} {v} GFLOP/s, best of {samples.get(k, 1)} samples" for k, v in model["matmul_gflops"].items()
+            )
             ceilings = ", ".join(f"{k} {v} img/s" for k, v in model["ceiling_img_per_s"].items())
             total = model["gflop_per_image"]
             shares = ", ".join(f"{op} {100 * n / total:.1f} %" for op, n in model.get("gflop_by_op", {}).items())
             lines += [
                 "",
                 f"Of matmul rate: the forward pass's {total:.4g} GFLOP per image ({shares}) times its img/s, over "
-                f"a large square matmul's measured rate in the same precision ({rates}). At those rates the "
-                f"forward pass alone would serve {ceilings}.",
+                f"a large square matmul's rate in the same precision, sampled next to each variant and at the "
+                f"end ({rates}). At those rates the forward pass alone would serve {ceilings}.",
             ]
         lines.append("")
     server = report.get("server")

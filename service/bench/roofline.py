@@ -2,10 +2,12 @@
 
 A forward pass's floating-point work is counted once, by torch's FlopCounterMode (nearly all of it is
 convolutions). A large square matmul in the same precision, on the same device and threads, measures how
-many of those operations per second the machine sustains. Their quotient is a guide, not a bound: a
-convolution kernel can beat a plain matmul, and TensorRT may run fp32 in TF32. It says how much a backend
-could still gain without changing precision or the arithmetic itself, and how fast the forward pass alone
-could serve images.
+many of those operations per second the machine sustains. A shared machine's speed drifts over minutes, so
+the rate is sampled next to each variant's timings and again at the end, and the best sample counts. Their
+quotient is a guide, not a bound: a convolution kernel can beat a plain matmul, TensorRT may run fp32 in
+TF32, and a variant timed in a fast moment can beat a rate sampled in slower ones. It says how much a
+backend could still gain without changing precision or the arithmetic itself, and how fast the forward
+pass alone could serve images.
 """
 
 from __future__ import annotations
@@ -61,22 +63,27 @@ def _sync(device: torch.device) -> None:
 
 
 class Roofline:
-    """Matmul rates measured once per (device, precision), and each forward pass's share of them."""
+    """The best matmul rate sampled per (device, precision), and each forward pass's share of it."""
 
     def __init__(self, gflop_by_op: dict[str, float]) -> None:
         self.gflop_by_op = gflop_by_op
         self.gflop_per_image = sum(gflop_by_op.values())
         self.rates: dict[str, float] = {}
+        self.samples: dict[str, int] = {}
 
-    def rate(self, device: str, precision: str) -> float:
+    def sample(self, device: str, precision: str) -> None:
         key = f"{device} {precision}"
-        if key not in self.rates:
-            self.rates[key] = round(matmul_gflops(torch.device(device), precision), 1)
-        return self.rates[key]
+        rate = round(matmul_gflops(torch.device(device), precision), 1)
+        self.rates[key] = max(self.rates.get(key, 0.0), rate)
+        self.samples[key] = self.samples.get(key, 0) + 1
+
+    def resample(self) -> None:
+        for key in list(self.rates):
+            self.sample(*key.split(" "))
 
     def fraction(self, img_per_s: float, device: str, precision: str) -> float:
-        """The forward pass's GFLOP/s over the matmul's on the same device in the same precision."""
-        return round(img_per_s * self.gflop_per_image / self.rate(device, precision), 3)
+        """The forward pass's GFLOP/s over the best matmul rate sampled on that device in that precision."""
+        return round(img_per_s * self.gflop_per_image / self.rates[f"{device} {precision}"], 3)
 
     def ceilings(self) -> dict[str, float]:
         """img/s if the forward pass ran at the matmul's rate, per measured device and precision."""
