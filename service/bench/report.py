@@ -49,7 +49,8 @@ def ratios(servers: list[dict]) -> list[dict]:
 def ceiling_ratios(servers: list[dict], model: dict | None) -> list[dict]:
     """The forward pass's img/s at the measured matmul rates over the baseline's img/s at each concurrency.
 
-    Below 2 in fp32, no fp32 server doubles the baseline on this machine without doing less arithmetic.
+    Near or below 2 in fp32, doubling the baseline on this machine takes less arithmetic (or another
+    precision), not a faster fp32 server.
     """
     base = next((s for s in servers if s["name"] == BASELINE), None)
     if base is None or not model or not model.get("ceiling_img_per_s"):

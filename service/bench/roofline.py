@@ -27,7 +27,7 @@ def forward_gflop(model: nn.Module, input_size: tuple[int, int]) -> dict[str, fl
     from torch.utils.flop_counter import FlopCounterMode
 
     model = model.float().eval()
-    # FlopCounterMode's module tracker fails under no_grad on parameters that require grad
+    # frozen parameters record no autograd graph (FlopCounterMode's module tracker fails under no_grad)
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     try:
