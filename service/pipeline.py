@@ -48,10 +48,9 @@ class Inferred:
     """One batch's model outputs (on the backend's device), on their way to the finishing thread."""
 
     batch: Sequence[Work]
-    logits: torch.Tensor | None  # None when the forward pass failed: then `error` answers every image
-    masks: torch.Tensor | None
+    logits: torch.Tensor
+    masks: torch.Tensor
     infer_s: float
-    error: errors.ApiError | None = None
 
 
 class Pipeline:
@@ -119,7 +118,9 @@ class Pipeline:
     # -- the worker thread -----------------------------------------------------------------------------------
 
     def run_batch(self, batch: Sequence[Work]) -> Inferred:
-        """One forward pass for the batch (tasks may differ); finish_batch post-processes it."""
+        """One forward pass for the batch (tasks may differ); finish_batch post-processes it.
+
+        A failed forward pass raises, and the batcher answers every image with that error."""
         assert self.backend is not None
         images = self.backend.stack([w.image.input for w in batch])
         t0 = time.perf_counter()
@@ -128,15 +129,12 @@ class Pipeline:
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("inference failed for a batch of %d (error id %s)", len(batch), error_id)
-            return Inferred(batch, None, None, 0.0, errors.inference_failed(error_id))
+            raise errors.inference_failed(error_id) from None
         return Inferred(batch, logits, masks, time.perf_counter() - t0)
 
     def finish_batch(self, inferred: Inferred) -> list[Any]:
         """Each image's post-processing on the device, in the finishing thread while the next batch runs."""
-        if inferred.error is not None:
-            return [inferred.error] * len(inferred.batch)
         logits, masks = inferred.logits, inferred.masks
-        assert logits is not None and masks is not None
         out: list[Any] = []
         for i, w in enumerate(inferred.batch):
             t1 = time.perf_counter()
