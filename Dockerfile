@@ -2,9 +2,10 @@
 # MaskFormer serving image for NVIDIA GPU nodes (README.md, "Operations": build, run, variables, probes).
 #
 # Base: NVIDIA's TensorRT container 25.01 (TensorRT 10.8, CUDA 12.8, Ubuntu 24.04, Python 3.12). Engines are
-# built and run with this image's TensorRT, so changing the tag rebuilds every cached engine once. CUDA 12.8
-# needs an NVIDIA driver >= 570 on the host (data-center GPUs: also R535/R550 through CUDA forward
-# compatibility); check NVIDIA's 25.01 release notes before changing it. Keep both stages on one tag.
+# built and run with this image's TensorRT, so changing the tag rebuilds every cached engine once. Keep both
+# stages on one tag. The host needs an NVIDIA driver >= 580: torch's wheel (constraints.txt) brings its own
+# CUDA 13.0 runtime, which no older driver runs, and the base's CUDA 12.8 forward-compatibility libraries do
+# not change that (service/runtime.py's MIN_DRIVER; `maskformer doctor` prints the requirement).
 
 FROM nvcr.io/nvidia/tensorrt:25.01-py3 AS build
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1

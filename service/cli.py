@@ -15,7 +15,7 @@ from service.commands_train import cmd_data_shapes, cmd_eval, cmd_train
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from service.runtime import choose_backend, probe
+    from service.runtime import choose_backend, driver_requirement, probe
 
     caps = probe()
     if args.json:
@@ -27,6 +27,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ("torch", caps.torch or "absent"),
         ("torchvision", caps.torchvision or "absent"),
         ("CUDA", ", ".join(caps.gpus) if caps.cuda else "not available"),
+        ("CUDA build", driver_requirement(caps.cuda_build) or "none (a CPU-only torch)"),
         ("CPU bf16", "yes (AMX or AVX512-BF16: --backend torch --precision bf16)" if caps.cpu_bf16 else "no"),
         ("onnxruntime", f"{caps.onnxruntime} ({', '.join(caps.ort_providers)})" if caps.onnxruntime else "absent"),
         ("tensorrt", caps.tensorrt or "absent (GPU nodes: pip install '.[gpu]'; export tensorrt needs it)"),

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
+import warnings
 from dataclasses import dataclass, field
+
+# The oldest NVIDIA driver each CUDA major version runs on (NVIDIA's minor version compatibility table):
+# torch's wheels carry their own CUDA runtime, so this, not the machine's or the image's CUDA, decides.
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
 
 
 @dataclass
@@ -12,6 +18,7 @@ class Capabilities:
     python: str
     torch: str | None
     cuda: bool
+    cuda_build: str | None = None  # the CUDA runtime torch was built with (torch.version.cuda)
     gpus: list[str] = field(default_factory=list)
     cpu_bf16: bool = False  # AMX or AVX512-BF16: `--backend torch --precision bf16` on the CPU
     torchvision: str | None = None
@@ -45,7 +52,10 @@ def probe() -> Capabilities:
 
         from model.inference import cpu_has_bf16
 
-        caps.cuda = torch.cuda.is_available()
+        caps.cuda_build = torch.version.cuda
+        caps.cuda, cuda_problem = cuda_available()
+        if cuda_problem:  # a GPU node whose driver is too old, say: worth a non-zero `doctor`
+            problems.append(f"CUDA: {cuda_problem} ({driver_requirement(caps.cuda_build)})")
         caps.cpu_bf16 = cpu_has_bf16()
         if caps.cuda:
             caps.gpus = [
@@ -61,6 +71,28 @@ def probe() -> Capabilities:
     caps.tensorrt = _version("tensorrt", problems)
     caps.problems = problems
     return caps
+
+
+@functools.cache  # torch warns only on its first look; later callers need the same reason
+def cuda_available() -> tuple[bool, str | None]:
+    """torch.cuda.is_available(), and the reason torch warned of when a GPU is there but unusable (a driver
+    too old for torch's CUDA, say); a machine without any NVIDIA driver gives no reason."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    reasons = [str(w.message).strip() for w in caught]
+    return available, " ".join(reasons) or None
+
+
+def driver_requirement(cuda_build: str | None) -> str | None:
+    """'torch's CUDA 13.0 needs an NVIDIA driver >= 580', or None for a CPU-only torch."""
+    if not cuda_build:
+        return None
+    major = int(cuda_build.split(".")[0])
+    need = MIN_DRIVER.get(major)
+    return f"torch's CUDA {cuda_build} needs an NVIDIA driver >= {need}" if need else f"torch's CUDA {cuda_build}"
 
 
 def choose_backend(caps: Capabilities) -> tuple[str, str]:

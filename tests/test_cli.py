@@ -1,13 +1,19 @@
 import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
+
+import pytest
+import torch
 
 from model.checkpoint import default_weights
+from service.backends import resolve_device
 from service.cli import main as cli
 from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.runtime import Capabilities, choose_backend
+from service.runtime import Capabilities, choose_backend, cuda_available, driver_requirement, probe
 
 
 def test_doctor_reports_the_machine_and_the_backend(capsys):
@@ -51,3 +57,57 @@ def test_serve_without_arguments_serves_the_shipped_model_on_port_8000_of_every_
     assert (settings.host, settings.port, settings.backend, settings.weights) == ("0.0.0.0", 8000, "auto", None)
     weights = Pipeline(settings, Metrics(settings.max_batch_size)).weights
     assert weights == default_weights() and weights.is_file()
+
+
+@pytest.fixture
+def gpu_too_old(monkeypatch):
+    """torch as it behaves on a GPU node whose driver is older than torch's CUDA: a warning, no GPU."""
+
+    def is_available() -> bool:
+        warnings.warn(
+            "CUDA initialization: The NVIDIA driver on your system is too old (found version 12080).", stacklevel=2
+        )
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    cuda_available.cache_clear()
+    yield
+    cuda_available.cache_clear()
+
+
+def test_driver_requirement_of_torchs_cuda():
+    assert driver_requirement("13.0") == "torch's CUDA 13.0 needs an NVIDIA driver >= 580"
+    assert driver_requirement("12.8") == "torch's CUDA 12.8 needs an NVIDIA driver >= 525"
+    assert driver_requirement(None) is None  # a CPU-only torch
+
+
+def test_a_gpu_that_torch_cannot_use_is_explained(gpu_too_old, capsys, caplog):
+    need = driver_requirement(torch.version.cuda) or ""
+    caps = probe()
+    assert not caps.cuda and caps.cuda_build == torch.version.cuda
+    [problem] = [p for p in caps.problems if p.startswith("CUDA:")]
+    assert "driver on your system is too old (found version 12080)" in problem and need in problem
+    assert cli(["doctor"]) == 1  # a GPU node that would silently serve on the CPU fails `doctor`
+    out = capsys.readouterr().out
+    assert f"problem: {problem}" in out and "CUDA build" in out
+    with pytest.raises(RuntimeError, match=r"--device cuda but no CUDA GPU is usable \(CUDA initialization: .*too old"):
+        resolve_device("cuda")
+    with caplog.at_level(logging.WARNING, logger="service.backends"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "no usable CUDA GPU (CUDA initialization: The NVIDIA driver on your system is too old" in caplog.text
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_no_driver_at_all_falls_back_quietly(monkeypatch, caplog):
+    """A CPU machine: torch warns of nothing, `auto` picks the CPU without a warning and `cuda` still refuses."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cuda_available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="service.backends"):
+            assert resolve_device("auto") == torch.device("cpu")
+        assert not caplog.records
+        with pytest.raises(RuntimeError, match="no CUDA GPU is usable"):
+            resolve_device("cuda")
+        assert not [p for p in probe().problems if p.startswith("CUDA:")]
+    finally:
+        cuda_available.cache_clear()

@@ -9,9 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from service.metrics import Metrics
+from service.runtime import MIN_DRIVER
 from tests.docker_checks import (
     compose_problems,
     dockerfile_problems,
@@ -228,3 +230,14 @@ def test_readme_lists_every_variable_with_the_images_default():
 def test_readme_explains_every_metric():
     for name in METRICS:
         assert f"`{name}" in OPS, f"README's operations section does not explain {name}"
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch: the image's torch would be a CUDA build")
+def test_the_documented_driver_is_what_the_pinned_torchs_cuda_needs():
+    """The image installs this venv's torch (constraints.txt), so its CUDA decides the host's driver."""
+    need = MIN_DRIVER[int(torch.version.cuda.split(".")[0])]
+    assert f"driver >= {need}" in DOCKERFILE
+    readme = (ROOT / "README.md").read_text()
+    assert f"**NVIDIA driver ≥ {need}**" in readme and f"CUDA {torch.version.cuda} runtime" in readme
+    other = rf"driver (≥|>=) (?!{need})\d{{3}}\b"  # no other driver figure left in the image's docs
+    assert not re.search(other, DOCKERFILE + readme.split("## Operations")[1])

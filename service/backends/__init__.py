@@ -11,7 +11,7 @@ import torch
 from model.config import MaskFormerConfig
 from model.inference import check_precision as check_device_precision
 from service.backends.base import Backend
-from service.runtime import choose_backend, probe
+from service.runtime import choose_backend, cuda_available, driver_requirement, probe
 from service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -20,11 +20,19 @@ __all__ = ["PRECISIONS", "Backend", "check_precision", "create_backend", "runs_f
 
 
 def resolve_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA GPU is visible")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    """`auto`: CUDA when usable. A GPU that torch saw but could not use (a driver too old for torch's CUDA)
+    fails `cuda` with torch's reason, and `auto` says it before falling back to the CPU."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    available, problem = cuda_available()
+    if available:
+        return torch.device("cuda")
+    why = "; ".join(filter(None, [problem, driver_requirement(torch.version.cuda)]))
+    if setting == "cuda":
+        raise RuntimeError(f"--device cuda but no CUDA GPU is usable ({why or 'a CPU-only torch'})")
+    if problem:
+        log.warning("no usable CUDA GPU (%s): serving on the CPU", why)
+    return torch.device("cpu")
 
 
 # What each backend can run; anything else is refused before an export or build starts, instead of running
