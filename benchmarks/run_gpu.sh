@@ -8,7 +8,8 @@
 # Targets it reports on: fp16 batched >= 3x fp32 eager at batch 1; the server at concurrency 64 >= 85 % of
 # its raw backend; p99 and GPU memory (the paper: 24.5 fps on a V100 at batch 1).
 # Usage: benchmarks/run_gpu.sh OUT_DIR [PYTHON]   (needs the service's packages: benchmarks/gpu_wheels.sh;
-# at most 4 levels x 2 servers x 30 s of load, plus the model level and start-ups: under 10 minutes)
+# at most 4 levels x 2 servers x 30 s of load, plus the model level and start-ups: under 10 minutes; the
+# model level is written to OUT_DIR before the server level starts, so a run cut short still leaves it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: benchmarks/run_gpu.sh OUT_DIR [PYTHON]}

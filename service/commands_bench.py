@@ -80,6 +80,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.skip_model:
         print(f"model level: {weights}")
         result["model"] = bench_models(weights, variants, args.batch_sizes, args.iters, args.warmup, args.cache_dir)
+        if not args.skip_server:  # kept if the server level is cut short (a time-limited GPU lease, say)
+            report.write(result, args.out)
     if not args.skip_server:
         images = load.sample_images(8, args.image_size)
         servers = []

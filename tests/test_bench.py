@@ -217,3 +217,19 @@ def test_preprocessing_benchmark_writes_its_report(tmp_path):
         assert (row["max_abs_diff_vs_full_decode"] == 0) == small, row
     table = (tmp_path / "preprocess.md").read_text()
     assert table.count("\n| 3000x4000 |") == 1 and "ours / transformers" in table
+
+
+def test_the_model_level_is_written_before_the_server_level_starts(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    seen = {}
+
+    def servers(args, weights, images, level):  # what a run cut short during the server level leaves
+        seen.update(json.loads((out / "bench.json").read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("service.commands_bench._interleaved_servers", servers)
+    args = ["bench", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--variants", "torch"]
+    with pytest.raises(KeyboardInterrupt):
+        cli([*args, "--batch-sizes", "1", "--iters", "1", "--warmup", "0", "--concurrency", "1"])
+    assert [r["batch"] for r in seen["model"]["rows"]] == [1] and "server" not in seen
+    assert (out / "bench.md").is_file()
