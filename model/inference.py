@@ -75,7 +75,8 @@ def prepare_for_inference(model: M, device: torch.device, precision: str) -> M:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.to(DTYPES[precision])
     if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+        # torch 2.11's type stubs lack Module.to's memory_format overload, which every version runs
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
     return model
 
 

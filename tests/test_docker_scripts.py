@@ -15,6 +15,7 @@ import site
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -39,7 +40,9 @@ SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) o
 
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install -e '.[dev]')")
 def test_scripts_pass_shellcheck():
-    result = subprocess.run([str(SHELLCHECK), *map(str, SCRIPTS)], capture_output=True, text=True)
+    """The image's scripts, and the set-up, compatibility and CI scripts beside them."""
+    others = [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"]
+    result = subprocess.run([str(SHELLCHECK), *map(str, SCRIPTS + others)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -51,8 +54,25 @@ def test_shellcheck_fails_on_a_planted_violation(tmp_path):
     assert result.returncode != 0 and "SC2068" in result.stdout
 
 
+def off_pin() -> list[str]:
+    """Installed packages whose versions differ from constraints.txt's pins (scripts/compat.sh's venv)."""
+    off = []
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, pin = line.split("#")[0].strip().partition("==")
+        if sep:
+            try:
+                installed = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                continue
+            if installed.split("+")[0] != pin:
+                off.append(f"{name} {installed} (pinned {pin})")
+    return off
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
+    if off := off_pin():
+        pytest.skip(f"the image installs constraints.txt's pins, which this venv does not hold: {', '.join(off)}")
     venv = tmp_path_factory.mktemp("image") / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
     (pth,) = venv.glob("lib/python*/site-packages")
