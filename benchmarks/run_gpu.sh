@@ -8,7 +8,7 @@
 # Targets it reports on: fp16 batched >= 3x fp32 eager at batch 1; the server at concurrency 64 >= 85 % of
 # its raw backend; p99 and GPU memory (the paper: 24.5 fps on a V100 at batch 1).
 # Usage: benchmarks/run_gpu.sh OUT_DIR [PYTHON]   (needs the service's packages: benchmarks/gpu_wheels.sh;
-# at most 4 levels x 2 servers x 30 s of load, plus the model level and start-ups: under 10 minutes; the
+# at most 4 levels x 2 servers x 20 s of load, plus the model level and start-ups (never timed on a GPU); the
 # model level is written to OUT_DIR before the server level starts, so a run cut short still leaves it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,6 @@ fi
 "$py" -m service.cli convert --from hf "$work/r50-hf" --out "$work/r50.safetensors" --name r50-random-ade
 "$py" -m service.cli bench --weights "$work/r50.safetensors" --cache-dir "$work/cache" --out "$out" \
     --variants "$variants" --batch-sizes 1,8,32 --iters 20 --warmup 3 \
-    --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 512 --seconds 30 \
+    --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 512 --seconds 20 \
     --serve-args "--backend torch --precision fp16 --cuda-graphs --max-batch-size 32" \
     --serve-args "--backend torch --precision fp32 --max-batch-size 32"

@@ -1,0 +1,80 @@
+"""The CUDA paths end to end, for a machine with a GPU (they skip here, saying why): post-processing on the GPU
+gives the CPU's results, and the service on the GPU (torch backend, fp16 with CUDA graphs, and fp32) answers
+every task with the CPU service's labels. benchmarks/device_check.sh runs this file before the GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from model.data.shapes import VAL_SEED, generate
+from model.postprocess import TASKS, postprocess
+from service.settings import ServeSettings
+from tests.images import encode
+from tests.live_server import live_server
+from tests.test_postprocess import default_model_outputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.cpu() == b.cpu()).float().mean().item()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_postprocessing_on_the_gpu_gives_the_cpus_results(task):
+    """The shipped model's outputs, post-processed on each device at the input size and at a photo's size."""
+    model, out = default_model_outputs()
+    isthing = model.info.isthing
+    for orig in [model.cfg.input_size, (480, 640)]:
+        n = len(out["pred_logits"])
+        cpu = postprocess(out, task, isthing, orig_sizes=[orig] * n)
+        gpu = postprocess({k: v.cuda() for k, v in out.items()}, task, isthing, orig_sizes=[orig] * n)
+        for c, g in zip(cpu, gpu):
+            assert [s.label_id for s in g.segments] == [s.label_id for s in c.segments]
+            assert [s.score for s in g.segments] == pytest.approx([s.score for s in c.segments], abs=1e-3)
+            if task == "instance":
+                assert agreement(g.masks, c.masks) > 0.999
+            else:  # bilinear resizes round differently on the GPU: a few boundary pixels may change hands
+                assert g.segment_map.is_cuda and agreement(g.label_map(), c.label_map()) > 0.999
+
+
+def labels(response: dict, shape: tuple[int, int]) -> torch.Tensor:
+    """A semantic or panoptic answer's label map, -1 where no segment is."""
+    out = torch.full(shape, -1)
+    for seg in response["segments"]:
+        out[torch.from_numpy(mask_utils.decode(seg["rle"])).bool()] = seg["label_id"]
+    return out
+
+
+def test_the_service_on_the_gpu_answers_like_the_cpu(tmp_path):
+    images = [encode(Image.fromarray(generate(VAL_SEED + i).image), "PNG") for i in range(4)]
+    answers = {}
+    for name, extra in {
+        "cpu": dict(device="cpu"),
+        "cuda fp32": dict(device="cuda"),
+        "cuda fp16 graphs": dict(device="cuda", precision="fp16", cuda_graphs=True),
+    }.items():
+        settings = ServeSettings(backend="torch", cache_dir=tmp_path / "cache", max_batch_size=4, **extra)
+        with live_server(settings) as (url, _):
+            model = httpx.get(f"{url}/v1/model").json()
+            assert model["device"].startswith(extra["device"]) and model["backend"] == "torch"
+            for task in TASKS:
+                for i, data in enumerate(images):
+                    files = {"image": ("x.png", data)}
+                    r = httpx.post(f"{url}/segment", params={"task": task}, files=files, timeout=60)
+                    assert r.status_code == 200, r.text
+                    answers[name, task, i] = r.json()
+    for task in ("semantic", "panoptic"):
+        for i in range(len(images)):
+            cpu = answers["cpu", task, i]
+            shape = (cpu["height"], cpu["width"])
+            assert agreement(labels(answers["cuda fp32", task, i], shape), labels(cpu, shape)) > 0.999
+            assert agreement(labels(answers["cuda fp16 graphs", task, i], shape), labels(cpu, shape)) > 0.99
+    for i in range(len(images)):
+        found = [{s["label"] for s in answers[name, "instance", i]["segments"]} for name in ("cpu", "cuda fp32")]
+        assert found[0] == found[1]
