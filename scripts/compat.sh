@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The test suite against the versions the lent GPU machine's image holds (torch 2.11.0, torchvision 0.26.0,
-# onnxruntime 1.30.0, transformers 5.17.0; /work/.library/device/KINDS.md), everything else at
-# constraints.txt's pins, in .venv-compat: a device run imports those, so check them on the CPU first.
+# The test suite at the oldest versions tested of torch, torchvision, onnxruntime and transformers
+# (pyproject.toml's lower bounds: those of the GPU image benchmarks/device_check.sh has been prepared for),
+# everything else at constraints.txt's pins, in .venv-compat.
 # Usage: scripts/compat.sh [PYTEST_ARGS...]   (about 3 minutes to install, then the tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
