@@ -15,7 +15,6 @@ import site
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ import pytest
 
 from tests.images import encode, rgb
 from tests.test_serve_process import free_port
+from tests.test_serve_security import constraint_pins, off_pin
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "docker" / "install.sh", ROOT / "docker" / "entrypoint"]
@@ -54,25 +54,10 @@ def test_shellcheck_fails_on_a_planted_violation(tmp_path):
     assert result.returncode != 0 and "SC2068" in result.stdout
 
 
-def off_pin() -> list[str]:
-    """Installed packages whose versions differ from constraints.txt's pins (scripts/compat.sh's venv)."""
-    off = []
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
-        name, sep, pin = line.split("#")[0].strip().partition("==")
-        if sep:
-            try:
-                installed = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                continue
-            if installed.split("+")[0] != pin:
-                off.append(f"{name} {installed} (pinned {pin})")
-    return off
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    if off := off_pin():
-        pytest.skip(f"the image installs constraints.txt's pins, which this venv does not hold: {', '.join(off)}")
+    if off := off_pin(constraint_pins()):  # scripts/compat.sh's venv, say
+        pytest.skip(f"the image installs constraints.txt's pins, which this venv does not hold: {'; '.join(off)}")
     venv = tmp_path_factory.mktemp("image") / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
     (pth,) = venv.glob("lib/python*/site-packages")

@@ -131,7 +131,8 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_every_dependency_is_pinned_and_installed_at_its_pin():
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}; every line must be an exact pin."""
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -139,6 +140,24 @@ def test_every_dependency_is_pinned_and_installed_at_its_pin():
             name, _, version = line.partition("==")
             assert version, f"constraints.txt: {line!r} is not an exact pin"
             pins[_normal(name)] = version
+    return pins
+
+
+def off_pin(pins: dict[str, str]) -> list[str]:
+    """Installed packages at other versions than their pins (absent ones, e.g. GPU-only packages, are fine)."""
+    off = []
+    for name, version in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if installed != version:
+            off.append(f"{name} {installed} is installed, constraints.txt pins {version}")
+    return off
+
+
+def test_every_dependency_is_pinned_and_installed_at_its_pin():
+    pins = constraint_pins()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for text in project["dependencies"] + project["optional-dependencies"]["dev"]:
         req = Requirement(text)
@@ -146,9 +165,4 @@ def test_every_dependency_is_pinned_and_installed_at_its_pin():
             continue
         assert _normal(req.name) in pins, f"{req.name} has no pin in constraints.txt"
         assert req.specifier.contains(pins[_normal(req.name)]), f"the pin of {req.name} breaks {text!r}"
-    for name, version in pins.items():
-        try:
-            installed = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue  # e.g. GPU-only packages
-        assert installed == version, f"{name} {installed} is installed, constraints.txt pins {version}"
+    assert not off_pin(pins)
