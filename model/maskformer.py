@@ -4,6 +4,8 @@ Forward contract (export, service and tests rely on it):
   input   float32 RGB in 0..255, [B, 3, H, W]; normalised inside with the stored mean/std
   output  {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H/4, W/4]} (mask logits);
           "aux_outputs" (one dict per earlier decoder layer) only in training.
+`fold_mask_conv` (off by default; see `mask_conv_folds_cheaper`) computes the same masks in inference
+with the mask embeddings folded into the pixel decoder's last conv (model/heads.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import Tensor, nn
 
 from model.backbone import build_backbone
 from model.config import MaskFormerConfig
-from model.heads import MLP
+from model.heads import MLP, folded_mask_logits
 from model.pixel_decoder import FPNPixelDecoder, TransformerEncoderPixelDecoder
 from model.position_encoding import PositionEmbeddingSine
 from model.transformer import TransformerDecoder
@@ -39,6 +41,7 @@ class ModelInfo:
 class MaskFormer(nn.Module):
     pixel_mean: Tensor
     pixel_std: Tensor
+    fold_mask_conv: bool = False
 
     def __init__(self, cfg: MaskFormerConfig, info: ModelInfo | None = None) -> None:
         super().__init__()
@@ -69,9 +72,15 @@ class MaskFormer(nn.Module):
     def forward(self, images: Tensor) -> dict[str, Tensor | list[dict[str, Tensor]]]:
         x = (images - self.pixel_mean) / self.pixel_std
         features = self.backbone(x)
-        mask_features, transformer_input = self.pixel_decoder(features)
-        if self.attend_pixel_embedding:
-            transformer_input = mask_features
+        fold = self.fold_mask_conv and not self.training
+        if fold and self.attend_pixel_embedding:
+            raise ValueError("fold_mask_conv: this model's decoder attends the pixel embedding, which folding skips")
+        if fold:
+            y, transformer_input = self.pixel_decoder.fpn(features)
+        else:
+            mask_features, transformer_input = self.pixel_decoder(features)
+            if self.attend_pixel_embedding:
+                transformer_input = mask_features
 
         src = self.input_proj(transformer_input)
         b, c, h, w = src.shape
@@ -84,14 +93,27 @@ class MaskFormer(nn.Module):
             hs = hs[-1:]  # inference reads the last layer only: skip the other layers' heads and mask products
         logits = self.class_embed(hs)
         mask_embed = self.mask_embed(hs)
-        # [L, B, Q, C] @ [B, C, HW] as one batched matmul (cheaper for TensorRT than an einsum)
-        mh, mw = mask_features.shape[-2:]
-        masks = torch.matmul(mask_embed, mask_features.flatten(2)).view(*mask_embed.shape[:3], mh, mw)
+        if fold:
+            masks = folded_mask_logits(mask_embed[-1], y, self.pixel_decoder.mask_features)[None]
+        else:
+            # [L, B, Q, C] @ [B, C, HW] as one batched matmul (cheaper for TensorRT than an einsum)
+            mh, mw = mask_features.shape[-2:]
+            masks = torch.matmul(mask_embed, mask_features.flatten(2)).view(*mask_embed.shape[:3], mh, mw)
 
         out: dict[str, Tensor | list[dict[str, Tensor]]] = {"pred_logits": logits[-1], "pred_masks": masks[-1]}
         if self.training:
             out["aux_outputs"] = [{"pred_logits": a, "pred_masks": m} for a, m in zip(logits[:-1], masks[:-1])]
         return out
+
+
+def mask_conv_folds_cheaper(cfg: MaskFormerConfig) -> bool:
+    """Whether `fold_mask_conv` applies and saves work: the decoder must not attend the pixel embedding
+    (it needs the embedding before the mask embeddings exist), and the folded 3x3 conv's Q*9*C
+    multiply-adds per pixel must be fewer than the conv's D*9*C plus the product's Q*D."""
+    if cfg.transformer_in_feature == "pixel_embedding":
+        return False
+    q, d, c = cfg.num_queries, cfg.mask_dim, cfg.conv_dim
+    return q * 9 * c < d * 9 * c + q * d
 
 
 def build_model(cfg: MaskFormerConfig, info: ModelInfo | None = None) -> MaskFormer:

@@ -42,12 +42,17 @@ class FPNPixelDecoder(nn.Module):
         """(FPN top map, transformer decoder input) from res5."""
         return self.output_convs[-1](res5), res5
 
-    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def fpn(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """(the FPN's stride-4 map before the mask_features conv, transformer decoder input)."""
         y, transformer_input = self.top(features[-1])
         for level in range(len(features) - 2, -1, -1):
             lateral = self.lateral_convs[level](features[level])
             y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest")
             y = self.output_convs[level](y)
+        return y, transformer_input
+
+    def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        y, transformer_input = self.fpn(features)
         return self.mask_features(y), transformer_input
 
 

@@ -94,3 +94,56 @@ def test_decoder_can_attend_to_the_pixel_embedding(pixel_decoder, enc_layers):
         out = model(torch.rand(2, 3, 128, 96) * 255)
     assert seen["shape"] == (2, cfg.mask_dim, 32, 24)
     assert out["pred_masks"].shape == (2, 10, 32, 24)
+
+
+@pytest.mark.parametrize("pixel_decoder, enc_layers", [("fpn", 0), ("transformer_encoder", 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_folded_mask_head_gives_the_same_masks(pixel_decoder, enc_layers, channels_last, monkeypatch):
+    """Eager (one grouped conv) and exported (per-tap matmul + fold) forms against the product after the conv,
+    in a batch of 3 with a rectangular image; the class logits do not change at all."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from model.heads import folded_mask_logits
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, pixel_decoder=pixel_decoder, enc_layers=enc_layers, transformer_in_feature="")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        conv = model.pixel_decoder.mask_features
+        conv.bias.normal_()  # the bias folds into a per-query constant: make it count
+        x = torch.rand(3, 3, 128, 96) * 255
+        if channels_last:  # as model/inference.py runs it on a CPU
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        want = model(x)
+        model.fold_mask_conv = True
+        got = model(x)
+        assert torch.equal(got["pred_logits"], want["pred_logits"])
+        torch.testing.assert_close(got["pred_masks"], want["pred_masks"], rtol=1e-5, atol=1e-4)
+        # the exported form, run eagerly
+        embed, y = torch.randn(3, 10, TINY.mask_dim), torch.randn(3, TINY.conv_dim, 32, 24)
+        product = embed @ F.conv2d(y, conv.weight, conv.bias, padding=1).flatten(2)
+        eager = folded_mask_logits(embed, y, conv)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # as under torch.export
+        exported = folded_mask_logits(embed, y, conv)
+    for form in (eager, exported):
+        torch.testing.assert_close(form.flatten(2), product, rtol=1e-5, atol=1e-4)
+
+
+def test_the_mask_head_folds_only_where_it_can_and_saves_work():
+    import dataclasses
+
+    from model.maskformer import mask_conv_folds_cheaper
+
+    assert mask_conv_folds_cheaper(TINY) and mask_conv_folds_cheaper(get_preset("r50-ade20k").config)
+    assert not mask_conv_folds_cheaper(dataclasses.replace(TINY, num_queries=200))  # more queries than channels
+    attends = dataclasses.replace(TINY, transformer_in_feature="pixel_embedding")
+    assert not mask_conv_folds_cheaper(attends) and not mask_conv_folds_cheaper(get_preset("r10-tiny-shapes").config)
+    model = build_model(attends).eval()
+    model.fold_mask_conv = True
+    with pytest.raises(ValueError, match="attends the pixel embedding"), torch.no_grad():
+        model(torch.rand(1, 3, 64, 64) * 255)
+    model.train()  # training never folds: deep supervision needs every layer's masks
+    assert len(model(torch.rand(1, 3, 64, 64) * 255)["aux_outputs"]) == TINY.dec_layers - 1
