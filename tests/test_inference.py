@@ -55,6 +55,7 @@ def test_fp32_on_the_cpu_runs_channels_last_and_keeps_the_outputs(block):
     prepared = prepare_for_inference(model, CPU, "fp32")
     conv = next(m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepared.fold_mask_conv and not model.fold_mask_conv  # the mask head folds (tests/test_model.py)
     x = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
     with torch.no_grad():
         want = model(x.float())
@@ -98,3 +99,20 @@ def test_bf16_on_the_cpu_keeps_the_shipped_models_semantic_maps():
     ]
     for a, b in zip(*maps):
         assert (a == b).float().mean() >= 0.99
+
+
+@pytest.mark.skipif(not inference.cpu_has_bf16(), reason="this CPU has neither AMX nor AVX512-BF16")
+def test_bf16_masks_are_no_worse_with_the_folded_mask_head():
+    """The folded head in bf16 rounds the per-image folded weights once more: its masks stay as close to
+    fp32's as the unfolded head's are."""
+    model = random_model("bottleneck")
+    x = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.no_grad():
+        want = run(prepare_for_inference(model, CPU, "fp32"), x, CPU, "fp32")[1]
+        bf16 = prepare_for_inference(model, CPU, "bf16")
+        assert bf16.fold_mask_conv
+        folded = run(bf16, x, CPU, "bf16")[1]
+        bf16.fold_mask_conv = False
+        unfolded = run(bf16, x, CPU, "bf16")[1]
+    err_folded, err_unfolded = (folded - want).abs().mean(), (unfolded - want).abs().mean()
+    assert err_folded <= 1.5 * err_unfolded, (err_folded, err_unfolded)
