@@ -6,10 +6,13 @@ static (by default the checkpoint's input size), so positional encodings and att
 constants for TensorRT; only the batch varies. The outputs are the raw `pred_logits` [N, Q, K+1] and
 `pred_masks` [N, Q, H/4, W/4]: post-processing stays outside, so one graph serves every task.
 `fp16=True` exports the FP16 graph of export/onnx_fp16.py instead (outputs still float32).
+`fold_mask_conv=True` exports the mask head folded into the pixel decoder's last conv (model/heads.py):
+fewer FLOPs for ONNX Runtime on the CPU, but through Col2Im, which TensorRT does not parse.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -64,6 +67,7 @@ def export_onnx(
     opset: int = 18,
     simplify: bool = True,
     fp16: bool = False,
+    fold_mask_conv: bool = False,
 ) -> Path:
     """Write `out` (a .onnx file) with the model's metadata in the graph's metadata_props."""
     import onnx
@@ -77,6 +81,13 @@ def export_onnx(
     if opset < 17:
         raise ValueError(f"opset {opset} splits LayerNorm into several nodes; use 17 or later")
     model = model.eval().cpu()
+    if fold_mask_conv:
+        if fp16:
+            raise ValueError("fold_mask_conv is for ONNX Runtime on the CPU; the FP16 graph is for TensorRT")
+        if model.attend_pixel_embedding:
+            raise ValueError("this model's decoder attends the pixel embedding: its mask head cannot be folded")
+        model = copy.deepcopy(model)  # the caller's model keeps its own forward
+        model.fold_mask_conv = True
     example = torch.zeros(2, 3, *size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     program = torch.onnx.export(
@@ -101,6 +112,7 @@ def export_onnx(
         "maskformer.input_size": json.dumps(list(size)),
         "maskformer.input_dtype": "uint8",
         "maskformer.precision": "fp16" if fp16 else "fp32",
+        "maskformer.fold_mask_conv": json.dumps(fold_mask_conv),
     }
     del graph.metadata_props[:]
     for key, value in meta.items():
@@ -172,13 +184,23 @@ def compare(model: MaskFormer, session, images: Tensor) -> dict[str, float]:
     return {**{f"max_abs_diff_{k}": v for k, v in diffs.items()}, "semantic_agreement": float(agree)}
 
 
-def onnx_precision(graph_or_path) -> str:
-    """The graph's precision: fp16 from `export_onnx(fp16=True)`, else fp32 (also where the key is absent)."""
+def onnx_metadata(graph_or_path) -> dict[str, str]:
+    """The `maskformer.*` (and any other) metadata_props of a graph or .onnx file."""
     import onnx
 
     if isinstance(graph_or_path, (str, Path)):
         graph_or_path = onnx.load(str(graph_or_path), load_external_data=False)
-    return {p.key: p.value for p in graph_or_path.metadata_props}.get("maskformer.precision", "fp32")
+    return {p.key: p.value for p in graph_or_path.metadata_props}
+
+
+def onnx_precision(graph_or_path) -> str:
+    """The graph's precision: fp16 from `export_onnx(fp16=True)`, else fp32 (also where the key is absent)."""
+    return onnx_metadata(graph_or_path).get("maskformer.precision", "fp32")
+
+
+def onnx_folds_mask_conv(graph_or_path) -> bool:
+    """Whether the graph was exported with `fold_mask_conv=True` (false where the key is absent)."""
+    return json.loads(onnx_metadata(graph_or_path).get("maskformer.fold_mask_conv", "false"))
 
 
 def write_report(report: ParityReport, onnx_path: str | Path) -> Path:

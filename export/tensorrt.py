@@ -128,8 +128,13 @@ def build_engine(
 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min ({min_batch}) <= opt ({opt_batch}) <= max ({max_batch}) batch")
-    from export.onnx import onnx_precision
+    from export.onnx import onnx_folds_mask_conv, onnx_precision
 
+    if onnx_folds_mask_conv(onnx_path):
+        raise ValueError(
+            f"{onnx_path} folds the mask head for ONNX Runtime on the CPU (Col2Im, which TensorRT does not "
+            "parse); export the ONNX without --fold-mask-conv"
+        )
     typed = onnx_precision(onnx_path) == "fp16"  # the graph carries its precision: a strongly typed network
     if typed and not fp16:  # the sidecar's precision must be the one asked for (service/engine_cache.py)
         raise ValueError(f"{onnx_path} is an FP16 graph, which builds FP16 engines only: pass --fp16")

@@ -95,7 +95,16 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     model = load_model(args.weights)
     size = (args.height or model.cfg.input_size[0], args.width or model.cfg.input_size[1])
-    out = export_onnx(model, args.out, size, args.max_batch, args.opset, simplify=not args.no_simplify, fp16=args.fp16)
+    out = export_onnx(
+        model,
+        args.out,
+        size,
+        args.max_batch,
+        args.opset,
+        simplify=not args.no_simplify,
+        fp16=args.fp16,
+        fold_mask_conv=args.fold_mask_conv,
+    )
     report = parity_report(model, out, batches=tuple(sorted({1, args.max_batch})))
     sidecar = write_report(report, out)
     for batch, r in report.batches.items():
@@ -260,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     e.add_argument(
         "--fp16", action="store_true", help="FP16 graph for TensorRT's strongly typed networks (norms etc. in FP32)"
+    )
+    e.add_argument(
+        "--fold-mask-conv",
+        action="store_true",
+        help="fold the mask head into the last conv: fewer FLOPs for ONNX Runtime on the CPU (not for TensorRT)",
     )
 
     e.set_defaults(func=cmd_export_onnx)

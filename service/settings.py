@@ -53,6 +53,9 @@ class ServeSettings(BaseSettings):
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: the library's)")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the model")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: replay one CUDA graph per batch size")
+    fold_mask_conv: bool = Field(
+        True, description="on a CPU: fold the mask head into the last conv where that saves FLOPs (the same masks)"
+    )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     log_level: str = "info"
 

@@ -7,7 +7,7 @@ import torch
 
 from model.checkpoint import save_model
 from model.maskformer import ModelInfo, build_model
-from service.backends.ort_backend import OnnxRuntimeBackend, cached_onnx
+from service.backends.ort_backend import OnnxRuntimeBackend, cached_onnx, exporter_tag, onnx_cache_path
 from service.backends.torch_backend import TorchBackend
 from tests.conftest import scene, tiny_config
 
@@ -54,11 +54,20 @@ def test_half_precision_is_refused_on_the_cpu(model_and_weights):
 
 
 def test_onnxruntime_backend_matches_torch_and_caches_the_export(model_and_weights, tmp_path):
+    """On the CPU it serves the graph with the folded mask head (where that saves work, as here)."""
+    from export.onnx import onnx_folds_mask_conv
+    from service.backends import create_backend
+    from service.settings import ServeSettings
+
     model, weights = model_and_weights
-    path = cached_onnx(weights, tmp_path, (128, 128))
+    settings = ServeSettings(backend="onnxruntime", device="cpu", max_batch_size=4, cache_dir=tmp_path)
+    backend = create_backend(settings, weights, model.cfg)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    path = backend.onnx_path
+    assert path.name.endswith(f"-fold-e{exporter_tag()}.onnx") and onnx_folds_mask_conv(path)
     mtime = path.stat().st_mtime_ns
-    assert cached_onnx(weights, tmp_path, (128, 128)) == path and path.stat().st_mtime_ns == mtime
-    backend = OnnxRuntimeBackend(path, torch.device("cpu"), "fp32", 4, tmp_path, threads=1)
+    assert cached_onnx(weights, tmp_path, (128, 128), fold_mask_conv=True) == path
+    assert path.stat().st_mtime_ns == mtime and path != onnx_cache_path(weights, tmp_path, (128, 128))
     x = images(3)
     for got, want in zip(backend.infer(x), reference(model, x)):
         assert (got - want).abs().max() < 1e-3

@@ -225,7 +225,7 @@ def test_the_cached_onnx_is_exported_again_when_the_exporter_changes(tmp_path, m
 
     exported: list[Path] = []
 
-    def fake_export(model, out, size, max_batch, fp16):  # stands in for the exporter: this test is about the name
+    def fake_export(model, out, size, max_batch, fp16, fold_mask_conv):  # this test is about the name, not the graph
         exported.append(Path(out))
         Path(out).write_bytes(b"an exported graph")
 
@@ -249,3 +249,6 @@ def test_the_cached_onnx_is_exported_again_when_the_exporter_changes(tmp_path, m
     assert ort_backend.cached_onnx(weights, tmp_path, (64, 64)) == first  # back to the old exporter: its file
     fp16 = ort_backend.cached_onnx(weights, tmp_path, (64, 64), fp16=True)  # the FP16 graph: its own file
     assert re.fullmatch(first.name.replace("64x64", "64x64-fp16"), fp16.name) and exported[-1] != first
+    folded = ort_backend.cached_onnx(weights, tmp_path, (64, 64), fold_mask_conv=True)  # the CPU's: its own file
+    assert re.fullmatch(first.name.replace("64x64", "64x64-fold"), folded.name)
+    assert exported[-1].name.startswith(folded.stem) and len(exported) == 3 + len(ort_backend.EXPORTER)

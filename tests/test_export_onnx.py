@@ -1,8 +1,10 @@
 """ONNX export: dynamic batch, uint8 input, metadata, and parity with PyTorch through ONNX Runtime."""
 
+import dataclasses
 import json
 
 import onnx
+import pytest
 
 from model import ModelInfo, build_model, get_preset, save_model
 from service.cli import main as cli
@@ -92,3 +94,31 @@ def test_a_graph_that_drifts_from_pytorch_fails_loudly(tmp_path, capsys, monkeyp
     assert "FAILED: the fp32 graph misses max_abs_diff <= 0.001" in capsys.readouterr().err
     report = json.loads((tmp_path / "m.onnx.json").read_text())
     assert report["passed"] is False and report["max_abs_diff"] > 1e-3
+
+
+def test_the_folded_mask_head_for_the_cpu(tmp_path, capsys, monkeypatch):
+    """--fold-mask-conv: a graph with Col2Im that still matches PyTorch's unfolded model (check_export's
+    parity checks), marked in its metadata, and refused by the TensorRT builder before it builds anything
+    (a stand-in `tensorrt` module here: the refusal needs nothing from TensorRT)."""
+    import sys
+    from types import SimpleNamespace
+
+    from export.onnx import onnx_folds_mask_conv
+    from export.tensorrt import build_engine
+
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    graph, _ = check_export(tmp_path, model, ["--fold-mask-conv"])
+    ops = {n.op_type for n in graph.graph.node}
+    assert "Col2Im" in ops and onnx_folds_mask_conv(graph) and not model.fold_mask_conv
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(Builder=None))
+    with pytest.raises(ValueError, match="TensorRT does not parse"):
+        build_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
+    weights = tmp_path / "m.safetensors"
+    out = str(tmp_path / "x.onnx")
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", out, "--fold-mask-conv", "--fp16"]) == 2
+    assert "the FP16 graph is for TensorRT" in capsys.readouterr().err
+    attends = dataclasses.replace(tiny_config(128), transformer_in_feature="pixel_embedding")
+    save_model(build_model(attends, model.info), weights)
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", out, "--fold-mask-conv"]) == 2
+    assert "cannot be folded" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()

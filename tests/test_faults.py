@@ -209,9 +209,10 @@ def other_model_onnx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported_cache(weights, tmp_path_factory):
-    """A cache directory holding the checkpoint's ONNX export, as `serve` leaves it after a first start."""
+    """A cache directory holding the checkpoint's ONNX export, as `serve` leaves it after a first start on a
+    CPU (the folded mask head)."""
     cache = tmp_path_factory.mktemp("cache")
-    cached_onnx(weights, cache, (128, 128))
+    cached_onnx(weights, cache, (128, 128), fold_mask_conv=True)
     return cache
 
 

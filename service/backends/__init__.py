@@ -10,6 +10,7 @@ import torch
 
 from model.config import MaskFormerConfig
 from model.inference import check_precision as check_device_precision
+from model.maskformer import mask_conv_folds_cheaper
 from service.backends.base import Backend
 from service.runtime import choose_backend, cuda_available, driver_requirement, probe
 from service.settings import ServeSettings
@@ -83,12 +84,21 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
 
         model = load_model(weights)
         return TorchBackend(
-            model, device, settings.precision, settings.max_batch_size, settings.torch_compile, settings.cuda_graphs
+            model,
+            device,
+            settings.precision,
+            settings.max_batch_size,
+            settings.torch_compile,
+            settings.cuda_graphs,
+            settings.fold_mask_conv,
         )
     from service.backends.ort_backend import cached_onnx
 
     fp16_graph = settings.precision == "fp16" and runs_fp16_graph(name)
-    onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size, fp16_graph)
+    # The folded mask head saves FLOPs on the CPU provider; TensorRT cannot parse its Col2Im, and on a GPU
+    # it has not been measured.
+    fold = settings.fold_mask_conv and name == "onnxruntime" and device.type == "cpu" and mask_conv_folds_cheaper(cfg)
+    onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size, fp16_graph, fold)
     if name == "onnxruntime":
         from service.backends.ort_backend import OnnxRuntimeBackend
 

@@ -8,6 +8,7 @@ image with another exporter exports afresh instead of reusing a graph the old on
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from importlib import metadata
@@ -40,21 +41,26 @@ def exporter_tag() -> str:
     return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:8]
 
 
-def onnx_cache_path(weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False) -> Path:
-    """`<checkpoint sha256, 16 digits>-<H>x<W>[-fp16]-e<exporter tag>.onnx` in the cache."""
-    precision = "-fp16" if fp16 else ""
-    return cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}{precision}-e{exporter_tag()}.onnx"
+def onnx_cache_path(
+    weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False, fold_mask_conv: bool = False
+) -> Path:
+    """`<checkpoint sha256, 16 digits>-<H>x<W>[-fp16][-fold]-e<exporter tag>.onnx` in the cache."""
+    variant = ("-fp16" if fp16 else "") + ("-fold" if fold_mask_conv else "")
+    return cache_dir / f"{sha256(weights)[:16]}-{input_size[0]}x{input_size[1]}{variant}-e{exporter_tag()}.onnx"
 
 
-def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False) -> Path:
-    """The exported ONNX for this checkpoint, input size, precision and exporter, exported if not cached yet.
+def cached_onnx(
+    weights: Path, cache_dir: Path, input_size: tuple[int, int], fp16: bool = False, fold_mask_conv: bool = False
+) -> Path:
+    """The exported ONNX for this checkpoint, input size, variant and exporter, exported if not cached yet.
 
     fp16: the FP16 graph of export/onnx_fp16.py (norms, softmax, heads and mask product in FP32).
+    fold_mask_conv: the mask head folded into the last conv (export/onnx.py), for the CPU provider.
     """
     from export.onnx import export_onnx
     from model.checkpoint import load_model
 
-    path = onnx_cache_path(weights, cache_dir, input_size, fp16)
+    path = onnx_cache_path(weights, cache_dir, input_size, fp16, fold_mask_conv)
     if path.is_file():
         return path
     with file_lock(path.with_name(path.name + ".lock")):  # replicas sharing the cache export once
@@ -64,7 +70,7 @@ def cached_onnx(weights: Path, cache_dir: Path, input_size: tuple[int, int], fp1
         log.info("exporting %s to %s (first start; cached for the next)", weights, path)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
         try:
-            export_onnx(load_model(weights), tmp, input_size, max_batch=64, fp16=fp16)
+            export_onnx(load_model(weights), tmp, input_size, max_batch=64, fp16=fp16, fold_mask_conv=fold_mask_conv)
             tmp.replace(path)  # atomic: a reader that skips the lock never sees half a file
         finally:
             tmp.unlink(missing_ok=True)
@@ -134,10 +140,16 @@ class OnnxRuntimeBackend(Backend):
                 "next start exports it again"
             ) from None
         self.onnx_path = onnx_path
+        self.graph_metadata: dict[str, str] = self.session.get_modelmeta().custom_metadata_map
 
     def infer(self, images: Tensor) -> tuple[Tensor, Tensor]:
         logits, masks = self.session.run(None, {"images": np.ascontiguousarray(images.numpy())})
         return torch.from_numpy(logits).to(self.device), torch.from_numpy(masks).to(self.device)
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "providers": self.session.get_providers(), "onnx": self.onnx_path.name}
+        return {
+            **super().describe(),
+            "providers": self.session.get_providers(),
+            "onnx": self.onnx_path.name,
+            "fold_mask_conv": json.loads(self.graph_metadata.get("maskformer.fold_mask_conv", "false")),
+        }

@@ -25,12 +25,14 @@ class TorchBackend(Backend):
         max_batch_size: int,
         compile: bool = False,
         cuda_graphs: bool = False,
+        fold_mask_conv: bool = True,
     ) -> None:
         if cuda_graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.device, self.precision, self.max_batch_size = device, precision, max_batch_size
         self.overlaps_postprocessing = device.type != "cuda"  # on CUDA, both use the current stream
-        self.model = prepare_for_inference(model, device, precision)  # ValueError for a precision it can't run
+        # ValueError for a precision it can't run
+        self.model = prepare_for_inference(model, device, precision, fold_mask_conv)
         self.module = torch.compile(self.model, dynamic=False) if compile else self.model
         self.cuda_graphs = cuda_graphs
         # batch size -> (graph, static input, static outputs); captured at warm-up
@@ -71,4 +73,9 @@ class TorchBackend(Backend):
         return g, static_in, static_out
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "torch_compile": self.module is not self.model, "cuda_graphs": self.cuda_graphs}
+        return {
+            **super().describe(),
+            "torch_compile": self.module is not self.model,
+            "cuda_graphs": self.cuda_graphs,
+            "fold_mask_conv": self.model.fold_mask_conv,
+        }
