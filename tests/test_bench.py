@@ -51,7 +51,8 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert cli(["convert", "--from", "hf", str(hf), "--out", str(weights)]) == 0
     out = tmp_path / "report"
     args = ["bench", "--weights", str(weights), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    args += ["--variants", "torch,onnxruntime,tensorrt:fp16", "--batch-sizes", "1,2", "--iters", "2", "--warmup", "1"]
+    args += ["--variants", "torch,torch+unfolded,onnxruntime,tensorrt:fp16", "--batch-sizes", "1,2"]
+    args += ["--iters", "2", "--warmup", "1"]
     args += ["--baseline", str(hf), "--concurrency", "1,3", "--requests", "6", "--seconds", "60"]
     args += ["--image-size", "96", "--port", str(free_port())]
     args += ["--serve-args", "--max-batch-size 2", "--serve-args", "--backend torch --max-batch-size 2"]
@@ -60,7 +61,10 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     report = json.loads((out / "bench.json").read_text())
     assert report["kind"] == "maskformer-bench" and report["command"].startswith("maskformer bench --weights")
     rows = report["model"]["rows"]
-    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in ("torch", "onnxruntime") for b in (1, 2)]
+    variants = ("torch", "torch+unfolded", "onnxruntime")
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in variants for b in (1, 2)]
+    # the CPU backends fold the mask head (this model's decoder reads res5), unless the variant says not to
+    assert [r["fold_mask_conv"] for r in rows] == [True, True, False, False, True, True]
     for r in rows:
         assert r["img_per_s"] > 0 and r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["peak_mib"] > 0
     # torch fp32 on the CPU is the reference (run at another batch size); the ONNX export matches it
@@ -69,11 +73,13 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     model = report["model"]
     assert model["gflop_per_image"] == pytest.approx(sum(model["gflop_by_op"].values()), rel=1e-3)
     assert model["gflop_by_op"]["convolution"] > 0 and list(model["matmul_gflops"]) == ["cpu fp32"]
-    assert model["matmul_samples"] == {"cpu fp32": 3}  # next to each of the two variants, and at the end
+    assert model["matmul_samples"] == {"cpu fp32": 4}  # next to each of the three variants, and at the end
     rate = model["matmul_gflops"]["cpu fp32"]
     assert model["ceiling_img_per_s"] == {"cpu fp32": round(rate / model["gflop_per_image"], 3)}
+    assert 0 < model["gflop_per_image"] < model["gflop_per_image_unfolded"]
     for r in rows:
-        assert r["of_matmul_rate"] == pytest.approx(r["img_per_s"] * model["gflop_per_image"] / rate, abs=2e-3)
+        gflop = model["gflop_per_image" if r["fold_mask_conv"] else "gflop_per_image_unfolded"]
+        assert r["of_matmul_rate"] == pytest.approx(r["img_per_s"] * gflop / rate, abs=2e-3)
     try:
         import tensorrt  # noqa: F401
     except ImportError:  # no TensorRT here: the variant is reported as skipped, with the reason
@@ -104,7 +110,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
 
     md = (out / "bench.md").read_text()
     assert "| torch | cpu | 1 |" in md and " % |" in md and "Agreement: semantic pixels" in md
-    assert f"(cpu fp32 {rate} GFLOP/s, best of 3 samples)" in md and "GFLOP per image (convolution " in md
+    assert f"(cpu fp32 {rate} GFLOP/s, best of 4 samples)" in md and "as the CPU backends run it (" in md
     assert f"would serve cpu fp32 {ceiling} img/s" in md
     assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md

@@ -22,8 +22,9 @@ from torch import Tensor
 from model.checkpoint import load_model, read_metadata
 from model.data.shapes import VAL_SEED, generate
 from model.inference import prepare_for_inference, run
+from model.maskformer import mask_conv_folds_cheaper
 from model.postprocess import postprocess
-from service.backends import create_backend
+from service.backends import create_backend, resolve_device
 from service.bench.roofline import Roofline, forward_gflop
 from service.settings import ServeSettings
 
@@ -35,6 +36,7 @@ class Variant:
     precision: str = "fp32"
     compile: bool = False
     graphs: bool = False
+    unfolded: bool = False  # serve's fold_mask_conv off: the A/B of the folded mask head
 
 
 def parse_variant(text: str) -> Variant:
@@ -44,10 +46,10 @@ def parse_variant(text: str) -> Variant:
         raise ValueError(f"unknown backend {backend!r} in variant {text!r} (torch, onnxruntime, tensorrt)")
     if precision not in ("", "fp32", "fp16", "bf16"):
         raise ValueError(f"unknown precision {precision!r} in variant {text!r} (fp32, fp16, bf16)")
-    unknown = set(flags) - {"compile", "graphs"}
+    unknown = set(flags) - {"compile", "graphs", "unfolded"}
     if unknown:
-        raise ValueError(f"unknown flag(s) {sorted(unknown)} in variant {text!r} (+compile, +graphs)")
-    return Variant(text, backend, precision or "fp32", "compile" in flags, "graphs" in flags)
+        raise ValueError(f"unknown flag(s) {sorted(unknown)} in variant {text!r} (+compile, +graphs, +unfolded)")
+    return Variant(text, backend, precision or "fp32", "compile" in flags, "graphs" in flags, "unfolded" in flags)
 
 
 def default_variants() -> list[str]:
@@ -145,6 +147,7 @@ def bench_variant(
             "device": device,
             "torch_compile": variant.compile,
             "cuda_graphs": variant.graphs,
+            "fold_mask_conv": not variant.unfolded,
             "max_batch_size": max(batch_sizes),
             "cache_dir": cache_dir,
         }
@@ -157,6 +160,7 @@ def bench_variant(
         maps = semantic_maps(backend.infer, fidelity_images(cfg.input_size), max(batch_sizes), info.isthing)
         fidelity = round(agreement(maps, reference), 6)
     memory_kind = "cuda_allocated" if backend.device.type == "cuda" else "rss"
+    folded = bool(backend.describe().get("fold_mask_conv"))
     rows = []
     for b in batch_sizes:
         images = torch.randint(0, 256, (b, 3, *cfg.input_size), dtype=torch.uint8)
@@ -183,6 +187,7 @@ def bench_variant(
                 "peak_mib": round(peak.mib, 1),
                 "memory": memory_kind,
                 "semantic_agreement": fidelity,
+                "fold_mask_conv": folded,
             }
         )
     return rows
@@ -201,7 +206,11 @@ def bench_models(
     """Rows for every variant and batch size; a variant that cannot run here gives one `skipped` row."""
     cfg, info = read_metadata(weights)
     reference = reference_maps(weights, fidelity_images(cfg.input_size), info.isthing)
-    roofline = Roofline(forward_gflop(load_model(weights), cfg.input_size))
+    # FLOPs as the server runs them (the mask head folded on a CPU where that saves work), and unfolded
+    counted = load_model(weights)
+    unfolded = forward_gflop(counted, cfg.input_size)
+    counted.fold_mask_conv = resolve_device(device).type == "cpu" and mask_conv_folds_cheaper(cfg)
+    roofline = Roofline(forward_gflop(counted, cfg.input_size) if counted.fold_mask_conv else unfolded)
     rows, skipped = [], []
     for text in variants:
         variant = parse_variant(text)
@@ -218,7 +227,8 @@ def bench_models(
         rows += new
     roofline.resample()  # a second sample for every rate, minutes after the first
     for r in rows:
-        r["of_matmul_rate"] = roofline.fraction(r["img_per_s"], r["device"], r["precision"])
+        gflop = roofline.gflop_per_image if r["fold_mask_conv"] else sum(unfolded.values())
+        r["of_matmul_rate"] = roofline.fraction(r["img_per_s"], r["device"], r["precision"], gflop)
     return {
         "weights": str(weights),
         "model": info.name,
@@ -226,6 +236,7 @@ def bench_models(
         "threads": torch.get_num_threads(),
         "fidelity_images": FIDELITY_IMAGES,
         "gflop_per_image": roofline.gflop_per_image,
+        "gflop_per_image_unfolded": round(sum(unfolded.values()), 4),
         "gflop_by_op": {op: round(n, 4) for op, n in roofline.gflop_by_op.items()},
         "matmul_gflops": roofline.rates,
         "matmul_samples": roofline.samples,

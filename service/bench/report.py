@@ -65,7 +65,8 @@ def ceiling_ratios(servers: list[dict], model: dict | None) -> list[dict]:
 
 def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
     """Each of our servers' img/s over its own backend's raw img/s at the server's max batch size, from the
-    model-level rows of the same variant (backend, precision, compile, CUDA graphs) on the same device.
+    model-level rows of the same variant (backend, precision, compile, CUDA graphs, folded mask head) on the
+    same device.
 
     At high concurrency the server's batches are full, so the ratio is what decoding, batching,
     post-processing, encoding and HTTP cost end to end.
@@ -83,11 +84,12 @@ def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
             continue  # a --url server with another model than the model level measured
         for row in model["rows"]:
             v = parse_variant(row["variant"])
-            same = (v.backend, v.precision, v.compile, v.graphs, row["device"]) == (
+            same = (v.backend, v.precision, v.compile, v.graphs, bool(row.get("fold_mask_conv")), row["device"]) == (
                 b["backend"],
                 b.get("precision"),
                 bool(b.get("torch_compile")),
                 bool(b.get("cuda_graphs")),
+                bool(b.get("fold_mask_conv")),
                 b.get("device"),
             )
             if not same or row["batch"] != b.get("max_batch_size"):
@@ -143,11 +145,18 @@ def markdown(report: dict) -> str:
             ceilings = ", ".join(f"{k} {v} img/s" for k, v in model["ceiling_img_per_s"].items())
             total = model["gflop_per_image"]
             shares = ", ".join(f"{op} {100 * n / total:.1f} %" for op, n in model.get("gflop_by_op", {}).items())
+            unfolded = model.get("gflop_per_image_unfolded", total)
+            folding = (
+                f" with the mask head folded into the last conv, as the CPU backends run it ({unfolded:.4g} "
+                "unfolded, which the rows of `+unfolded` variants use)"
+                if unfolded != total
+                else ""
+            )
             lines += [
                 "",
-                f"Of matmul rate: the forward pass's {total:.4g} GFLOP per image ({shares}) times its img/s, over "
-                f"a large square matmul's rate in the same precision, sampled next to each variant and at the "
-                f"end ({rates}). At those rates the forward pass alone would serve {ceilings}.",
+                f"Of matmul rate: the forward pass's {total:.4g} GFLOP per image{folding} ({shares}) times its "
+                f"img/s, over a large square matmul's rate in the same precision, sampled next to each variant "
+                f"and at the end ({rates}). At those rates the forward pass alone would serve {ceilings}.",
             ]
         lines.append("")
     server = report.get("server")

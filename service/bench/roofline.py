@@ -81,9 +81,11 @@ class Roofline:
         for key in list(self.rates):
             self.sample(*key.split(" "))
 
-    def fraction(self, img_per_s: float, device: str, precision: str) -> float:
-        """The forward pass's GFLOP/s over the best matmul rate sampled on that device in that precision."""
-        return round(img_per_s * self.gflop_per_image / self.rates[f"{device} {precision}"], 3)
+    def fraction(self, img_per_s: float, device: str, precision: str, gflop: float | None = None) -> float:
+        """The forward pass's GFLOP/s (`gflop` per image, default the counted pass's) over the best matmul
+        rate sampled on that device in that precision."""
+        per_image = self.gflop_per_image if gflop is None else gflop
+        return round(img_per_s * per_image / self.rates[f"{device} {precision}"], 3)
 
     def ceilings(self) -> dict[str, float]:
         """img/s if the forward pass ran at the matmul's rate, per measured device and precision."""
