@@ -7,7 +7,7 @@
   and in bf16 for the AMX and AVX512-BF16 kernels.
   bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
 - On a CPU, the mask embeddings are folded into the pixel decoder's last conv where that saves work
-  (`MaskFormer.fold_mask_conv`; for the ADE20K R50 preset 12 % of the forward pass's FLOPs). Not on CUDA,
+  (`MaskFormer.fold_mask_conv`; for the ADE20K R50 preset 13 % of the forward pass's FLOPs). Not on CUDA,
   where it has not been measured.
 """
 

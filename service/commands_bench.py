@@ -34,7 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "maskformer")
     g = p.add_argument_group("model level")
     g.add_argument("--skip-model", action="store_true")
-    g.add_argument("--variants", help="comma-separated backend[:precision][+compile][+graphs] (default: per device)")
+    g.add_argument(
+        "--variants", help="comma-separated backend[:precision][+compile][+graphs][+unfolded] (default: per device)"
+    )
     g.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8])
     g.add_argument("--iters", type=int, default=10, help="timed forward passes per batch size")
     g.add_argument("--warmup", type=int, default=2)

@@ -1,7 +1,7 @@
 """Model level: each backend variant at each batch size, on random uint8 images of the input size.
 
-A variant is `backend[:precision][+compile][+graphs]`, e.g. `torch`, `torch:bf16`, `torch:fp16+graphs`,
-`onnxruntime`, `tensorrt:fp16`. Variants this machine cannot run are reported as skipped, with the reason.
+A variant is `backend[:precision][+compile][+graphs][+unfolded]`, e.g. `torch`, `torch:bf16`,
+`torch:fp16+graphs`, `onnxruntime`, `onnxruntime+unfolded` (serve's fold_mask_conv off), `tensorrt:fp16`. Variants this machine cannot run are reported as skipped, with the reason.
 Each variant also segments a few shapes validation images, and the report says how many of their semantic
 pixels agree with torch fp32 on the CPU: what a faster variant costs in fidelity. Each row also says what
 share of the machine's matmul rate in its precision the forward pass reaches (service/bench/roofline.py).
