@@ -1,10 +1,11 @@
 """Model level: each backend variant at each batch size, on random uint8 images of the input size.
 
 A variant is `backend[:precision][+compile][+graphs][+unfolded]`, e.g. `torch`, `torch:bf16`,
-`torch:fp16+graphs`, `onnxruntime`, `onnxruntime+unfolded` (serve's fold_mask_conv off), `tensorrt:fp16`. Variants this machine cannot run are reported as skipped, with the reason.
-Each variant also segments a few shapes validation images, and the report says how many of their semantic
-pixels agree with torch fp32 on the CPU: what a faster variant costs in fidelity. Each row also says what
-share of the machine's matmul rate in its precision the forward pass reaches (service/bench/roofline.py).
+`torch:fp16+graphs`, `onnxruntime`, `onnxruntime+unfolded` (serve's fold_mask_conv off), `tensorrt:fp16`.
+Variants this machine cannot run are reported as skipped, with the reason. Each variant also segments a
+few shapes validation images, and the report says how many of their semantic pixels agree with torch fp32
+on the CPU: what a faster variant costs in fidelity. Each row also says what share of the machine's matmul
+rate in its precision the forward pass reaches (service/bench/roofline.py).
 """
 
 from __future__ import annotations
@@ -236,7 +237,8 @@ def bench_models(
         "threads": torch.get_num_threads(),
         "fidelity_images": FIDELITY_IMAGES,
         "gflop_per_image": roofline.gflop_per_image,
-        "gflop_per_image_unfolded": round(sum(unfolded.values()), 4),
+        "gflop_per_image_unfolded": sum(unfolded.values()),
+        "fold_mask_conv": counted.fold_mask_conv,
         "gflop_by_op": {op: round(n, 4) for op, n in roofline.gflop_by_op.items()},
         "matmul_gflops": roofline.rates,
         "matmul_samples": roofline.samples,

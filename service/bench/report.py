@@ -149,7 +149,7 @@ def markdown(report: dict) -> str:
             folding = (
                 f" with the mask head folded into the last conv, as the CPU backends run it ({unfolded:.4g} "
                 "unfolded, which the rows of `+unfolded` variants use)"
-                if unfolded != total
+                if model.get("fold_mask_conv")
                 else ""
             )
             lines += [
