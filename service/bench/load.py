@@ -136,8 +136,8 @@ def server_backend(url: str, api_key: str | None = None) -> dict | None:
             described = client.model()
     except (httpx.HTTPError, ServiceError):
         return None
-    keys = ["name", "input_size", "backend", "device", "precision", "torch_compile", "cuda_graphs", "fold_mask_conv"]
-    keys.append("max_batch_size")
+    keys = {"name", "input_size", "backend", "device", "precision", "max_batch_size"}
+    keys |= {"torch_compile", "cuda_graphs", "fold_mask_conv"}
     info = {k: v for k, v in described.items() if k in keys}
     return {**info, "model": info.pop("name", None)}
 

@@ -210,7 +210,11 @@ def bench_models(
     # FLOPs as the server runs them (the mask head folded on a CPU where that saves work), and unfolded
     counted = load_model(weights)
     unfolded = forward_gflop(counted, cfg.input_size)
-    counted.fold_mask_conv = resolve_device(device).type == "cpu" and mask_conv_folds_cheaper(cfg)
+    try:
+        on_cpu = resolve_device(device).type == "cpu"
+    except RuntimeError:  # `cuda` without a usable GPU: each variant reports that as its skip reason
+        on_cpu = False
+    counted.fold_mask_conv = on_cpu and mask_conv_folds_cheaper(cfg)
     roofline = Roofline(forward_gflop(counted, cfg.input_size) if counted.fold_mask_conv else unfolded)
     rows, skipped = [], []
     for text in variants:
