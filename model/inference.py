@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from model.config import MaskFormerConfig
 from model.maskformer import MaskFormer, mask_conv_folds_cheaper
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,6 +70,12 @@ def _fold(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> None:
     conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
+def folds_mask_conv(cfg: MaskFormerConfig, device: torch.device, enabled: bool = True) -> bool:
+    """Whether inference on `device` runs the folded mask head: on a CPU, where it saves work (unmeasured on
+    CUDA, and TensorRT cannot parse its exported form)."""
+    return enabled and device.type == "cpu" and mask_conv_folds_cheaper(cfg)
+
+
 def prepare_for_inference(
     model: MaskFormer, device: torch.device, precision: str, fold_mask_conv: bool = True
 ) -> MaskFormer:
@@ -81,7 +88,7 @@ def prepare_for_inference(
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.to(DTYPES[precision])
     if device.type == "cpu":
-        model.fold_mask_conv = fold_mask_conv and mask_conv_folds_cheaper(model.cfg)
+        model.fold_mask_conv = folds_mask_conv(model.cfg, device, fold_mask_conv)
         # torch 2.11's type stubs lack Module.to's memory_format overload, which every version runs
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
     return model

@@ -10,7 +10,7 @@ import torch
 
 from model.config import MaskFormerConfig
 from model.inference import check_precision as check_device_precision
-from model.maskformer import mask_conv_folds_cheaper
+from model.inference import folds_mask_conv
 from service.backends.base import Backend
 from service.runtime import choose_backend, cuda_available, driver_requirement, probe
 from service.settings import ServeSettings
@@ -95,9 +95,7 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
     from service.backends.ort_backend import cached_onnx
 
     fp16_graph = settings.precision == "fp16" and runs_fp16_graph(name)
-    # The folded mask head saves FLOPs on the CPU provider; TensorRT cannot parse its Col2Im, and on a GPU
-    # it has not been measured.
-    fold = settings.fold_mask_conv and name == "onnxruntime" and device.type == "cpu" and mask_conv_folds_cheaper(cfg)
+    fold = name == "onnxruntime" and folds_mask_conv(cfg, device, settings.fold_mask_conv)
     onnx_path = cached_onnx(weights, settings.cache_dir, cfg.input_size, fp16_graph, fold)
     if name == "onnxruntime":
         from service.backends.ort_backend import OnnxRuntimeBackend

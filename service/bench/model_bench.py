@@ -22,8 +22,7 @@ from torch import Tensor
 
 from model.checkpoint import load_model, read_metadata
 from model.data.shapes import VAL_SEED, generate
-from model.inference import prepare_for_inference, run
-from model.maskformer import mask_conv_folds_cheaper
+from model.inference import folds_mask_conv, prepare_for_inference, run
 from model.postprocess import postprocess
 from service.backends import create_backend, resolve_device
 from service.bench.roofline import Roofline, forward_gflop
@@ -211,10 +210,9 @@ def bench_models(
     counted = load_model(weights)
     unfolded = forward_gflop(counted, cfg.input_size)
     try:
-        on_cpu = resolve_device(device).type == "cpu"
+        counted.fold_mask_conv = folds_mask_conv(cfg, resolve_device(device))
     except RuntimeError:  # `cuda` without a usable GPU: each variant reports that as its skip reason
-        on_cpu = False
-    counted.fold_mask_conv = on_cpu and mask_conv_folds_cheaper(cfg)
+        pass
     roofline = Roofline(forward_gflop(counted, cfg.input_size) if counted.fold_mask_conv else unfolded)
     rows, skipped = [], []
     for text in variants:
