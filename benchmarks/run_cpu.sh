@@ -3,7 +3,7 @@
 # random-init R50 weights (ADE20K's 150 classes, 512x512), then post-processing on the same logits and
 # preprocessing of the same JPEGs, then the shipped model's variants with their semantic agreement with
 # torch fp32.
-# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (15 to 25 minutes on 2 cores; run it on an otherwise idle machine)
+# Usage: benchmarks/run_cpu.sh [OUT_DIR]   (20 to 30 minutes on 2 cores; run it on an otherwise idle machine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/cpu}
@@ -25,13 +25,16 @@ fi
 ab_variant=onnxruntime+unfolded
 ab_server=(--serve-args "--no-fold-mask-conv $timeout")
 
+# The A/B of overlapping post-processing with the next forward pass, off on a CPU by default (service/pipeline.py)
+overlap_server=(--serve-args "--overlap-postprocessing on $timeout")
+
 $py benchmarks/hf_r50.py --out "$work/r50-hf"
 .venv/bin/maskformer convert --from hf "$work/r50-hf" --out "$work/r50.safetensors" --name r50-random-ade
 .venv/bin/maskformer bench --weights "$work/r50.safetensors" --baseline "$work/r50-hf" \
     --cache-dir "$work/cache" --out "$out" \
     --variants "$variants,$ab_variant" --batch-sizes 1,2,4,8 --iters 5 --warmup 1 \
     --task semantic --image-size 512 --concurrency 1,4,16,64 --requests 64 --seconds 90 \
-    --serve-args "$timeout" "${bf16_server[@]}" "${ab_server[@]}"
+    --serve-args "$timeout" "${bf16_server[@]}" "${ab_server[@]}" "${overlap_server[@]}"
 $py benchmarks/postprocess_vs_transformers.py --hf "$work/r50-hf" --out "$out" --images 6 --repeats 3
 $py benchmarks/preprocess_vs_transformers.py --out "$out"
 # The random R50 gives one class everywhere, so its fidelity column says little: the shipped (trained)

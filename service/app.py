@@ -274,6 +274,7 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             "input_size": list(cfg.input_size),
             **(backend.describe() if backend else {"backend": None}),
             "max_batch_size": settings.max_batch_size,
+            "overlap_postprocessing": pipeline.overlaps_postprocessing() if backend else None,
             "default_task": settings.default_task,
             "versions": {
                 "maskformer": metadata.version("maskformer-serving"),

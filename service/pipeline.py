@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -105,9 +106,23 @@ class Pipeline:
             s.max_queue_size,
             on_batch=self.batch_taken,
             finish=self.finish_batch,
-            overlap=self.backend.overlaps_postprocessing,
+            overlap=self.overlaps_postprocessing(),
         )
         self.batcher.start()
+
+    def overlaps_postprocessing(self) -> bool:
+        """Whether a batch is post-processed while the next one runs (service/batcher.py).
+
+        A GPU forward pass leaves the host cores free for it. A CPU forward pass uses every core unless
+        `threads` is set lower: overlapping then makes the two fight over the cores, and the forward pass
+        loses more than the post-processing hides (benchmarks/run_cpu.sh measures both)."""
+        assert self.backend is not None
+        if not self.backend.overlaps_postprocessing or self.settings.overlap_postprocessing == "off":
+            return False
+        if self.settings.overlap_postprocessing == "on" or self.backend.device.type != "cpu":
+            return True
+        threads = self.settings.threads
+        return threads is not None and threads < len(os.sched_getaffinity(0))
 
     def batch_taken(self, size: int, depth: int) -> None:
         """A batch left the queue: record its size and the depth left, or the gauge counts its requests as

@@ -56,6 +56,11 @@ class ServeSettings(BaseSettings):
     fold_mask_conv: bool = Field(
         True, description="on a CPU: fold the mask head into the last conv where that saves FLOPs (the same masks)"
     )
+    overlap_postprocessing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="post-process a batch while the next one runs; auto: on a GPU, and on a CPU only when "
+        "`threads` leaves cores free",
+    )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     log_level: str = "info"
 

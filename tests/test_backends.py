@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,6 +12,9 @@ from model.checkpoint import save_model
 from model.maskformer import ModelInfo, build_model
 from service.backends.ort_backend import OnnxRuntimeBackend, cached_onnx, exporter_tag, onnx_cache_path
 from service.backends.torch_backend import TorchBackend
+from service.metrics import Metrics
+from service.pipeline import Pipeline
+from service.settings import ServeSettings
 from tests.conftest import scene, tiny_config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -57,7 +63,6 @@ def test_onnxruntime_backend_matches_torch_and_caches_the_export(model_and_weigh
     """On the CPU it serves the graph with the folded mask head (where that saves work, as here)."""
     from export.onnx import onnx_folds_mask_conv
     from service.backends import create_backend
-    from service.settings import ServeSettings
 
     model, weights = model_and_weights
     settings = ServeSettings(backend="onnxruntime", device="cpu", max_batch_size=4, cache_dir=tmp_path)
@@ -84,6 +89,29 @@ def test_a_batch_is_stacked_in_pinned_memory_for_a_gpu_only(model_and_weights, d
     assert backend.overlaps_postprocessing == (device == "cpu")
 
 
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    "device, backend_allows, setting, threads, overlaps",
+    [
+        ("cpu", True, "auto", None, False),  # the forward pass takes every core
+        ("cpu", True, "auto", CORES, False),
+        pytest.param("cpu", True, "auto", CORES - 1, True, marks=pytest.mark.skipif(CORES < 2, reason="needs 2 cores")),
+        ("cpu", True, "on", None, True),
+        ("cuda", True, "auto", None, True),  # the host cores are free while the GPU runs
+        ("cuda", True, "off", None, False),
+        ("cuda", False, "auto", None, False),  # torch on CUDA: one stream for both
+        ("cuda", False, "on", None, False),
+    ],
+)
+def test_when_postprocessing_overlaps_the_next_forward_pass(device, backend_allows, setting, threads, overlaps):
+    settings = ServeSettings(overlap_postprocessing=setting, threads=threads)
+    pipeline = Pipeline(settings, Metrics(settings.max_batch_size))
+    pipeline.backend = SimpleNamespace(device=torch.device(device), overlaps_postprocessing=backend_allows)
+    assert pipeline.overlaps_postprocessing() is overlaps
+
+
 @CUDA
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_graphs_replay_equals_eager(model_and_weights, precision):
@@ -101,7 +129,6 @@ def test_cuda_graphs_replay_equals_eager(model_and_weights, precision):
 def test_bf16_is_refused_by_the_onnx_backends_before_any_export(model_and_weights, tmp_path, backend):
     # They would run fp32 under the name bf16 (and TensorRT would miss its engine cache on every start).
     from service.backends import create_backend
-    from service.settings import ServeSettings
 
     model, weights = model_and_weights
     settings = ServeSettings(backend=backend, device="cpu", precision="bf16", cache_dir=tmp_path / "cache")
@@ -121,7 +148,6 @@ def test_bf16_is_refused_by_the_onnx_backend_constructors(tmp_path):
 
 def test_fp16_is_refused_on_the_cpu_before_any_export(model_and_weights, tmp_path):
     from service.backends import create_backend
-    from service.settings import ServeSettings
 
     model, weights = model_and_weights
     settings = ServeSettings(backend="onnxruntime", device="cpu", precision="fp16", cache_dir=tmp_path / "cache")

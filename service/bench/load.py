@@ -137,7 +137,7 @@ def server_backend(url: str, api_key: str | None = None) -> dict | None:
     except (httpx.HTTPError, ServiceError):
         return None
     keys = {"name", "input_size", "backend", "device", "precision", "max_batch_size"}
-    keys |= {"torch_compile", "cuda_graphs", "fold_mask_conv"}
+    keys |= {"torch_compile", "cuda_graphs", "fold_mask_conv", "overlap_postprocessing"}
     info = {k: v for k, v in described.items() if k in keys}
     return {**info, "model": info.pop("name", None)}
 
