@@ -103,8 +103,12 @@ def boxes_from_masks(masks: Tensor) -> list[Box]:
 
 
 def _count(masks: Tensor) -> Tensor:
-    """Pixels set in each of [N, H, W] boolean masks (summing bytes: bool sums convert to int64 first)."""
-    return masks.view(torch.uint8).flatten(1).sum(1, dtype=torch.int32)
+    """Pixels set in each of [N, H, W] boolean masks.
+
+    The bytes are summed along rows into int16 where a row fits in one (several times faster on a CPU than
+    any wider sum; a bool sum converts to int64 first), then the rows into int32."""
+    narrow = torch.int16 if masks.shape[2] < 2**15 else torch.int32
+    return masks.view(torch.uint8).sum(2, dtype=narrow).sum(1, dtype=torch.int32)
 
 
 def _chunks(n: int) -> list[slice]:
@@ -246,9 +250,14 @@ def instance_inference(
         mask_logits = masks_fn(queries[part])
         inside = torch.gt(mask_logits, 0, out=binary[part])
         areas[part] = _count(inside)
+        # The probabilities inside the mask, in place rather than through a mask-sized select:
+        # sigmoid(max(x, 0)) - 0.5 is sigmoid(x) - 0.5 inside (exactly: both lie within a factor 2 of 0.5)
+        # and exactly 0 outside; the 0.5 per pixel inside is added back below.
         # Summed along rows first: a float32 sum over whole masks rounds differently depending on how
         # many masks are reduced at once, which would make the scores depend on QUERY_CHUNK.
-        prob_sums[part] = torch.where(inside, mask_logits.sigmoid_(), 0.0).sum(2).sum(1, dtype=torch.float64)
+        above_half = mask_logits.clamp_min_(0).sigmoid_().sub_(0.5)
+        prob_sums[part] = above_half.sum(2).sum(1, dtype=torch.float64)
+    prob_sums += 0.5 * areas
     mask_scores = (prob_sums / (areas + 1e-6)).float()  # the mean mask probability inside the mask
     scores = cls_scores * mask_scores
     keep = ((scores > threshold) & (areas > 0)).nonzero().flatten()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.mask_resize import resize_mask_logits
 from model.postprocess import boxes_from_map, boxes_from_masks, postprocess
 from model.semantic_map import semantic_map, semantic_map_reference
 
@@ -148,6 +149,26 @@ def test_instance_sorted_by_score_thresholded_and_may_overlap():
     assert [s.score for s in top.segments] == scores[:1]
     (capped,) = postprocess(out, "instance", ISTHING, max_segments=2)
     assert [s.score for s in capped.segments] == scores[:2]
+
+
+def test_instance_scores_are_the_official_formula():
+    """Each score is the class probability times the mean probability inside the mask resized to the original
+    size, which here is computed the plain way: every mask resized, a sigmoid everywhere, a select."""
+    torch.manual_seed(1)
+    logits, masks = torch.randn(24, 5) * 3, torch.randn(24, 64, 80) * 4
+    masks[3] = -5.0 + 6 * (torch.arange(80) == 7)  # a one-column mask: small areas score as exactly
+    sizes = {"image_sizes": [(256, 300)], "orig_sizes": [(190, 230)]}
+    out = {"pred_logits": logits[None], "pred_masks": masks[None]}
+    (res,) = postprocess(out, "instance", ISTHING, **sizes)
+    full = resize_mask_logits(masks, (256, 320), (256, 300), (190, 230))
+    inside = full > 0
+    mean_prob = torch.where(inside, full.sigmoid(), 0.0).double().sum((1, 2)) / inside.sum((1, 2))
+    class_probs = logits.softmax(-1)[:, :-1].double()
+    assert len(res.segments) >= 20
+    for seg in res.segments:
+        (q,) = [q for q in range(len(masks)) if torch.equal(inside[q], res.mask(seg))]
+        want = class_probs[q, seg.label_id] * mean_prob[q]
+        assert seg.score == pytest.approx(want.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("task", ["panoptic", "instance"])
