@@ -30,6 +30,13 @@ from service.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, as in a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass
 class Options:
     task: str
@@ -122,7 +129,7 @@ class Pipeline:
         if self.settings.overlap_postprocessing == "on" or self.backend.device.type != "cpu":
             return True
         threads = self.settings.threads
-        return threads is not None and threads < len(os.sched_getaffinity(0))
+        return threads is not None and threads < usable_cores()
 
     def batch_taken(self, size: int, depth: int) -> None:
         """A batch left the queue: record its size and the depth left, or the gauge counts its requests as

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ from model.maskformer import ModelInfo, build_model
 from service.backends.ort_backend import OnnxRuntimeBackend, cached_onnx, exporter_tag, onnx_cache_path
 from service.backends.torch_backend import TorchBackend
 from service.metrics import Metrics
-from service.pipeline import Pipeline
+from service.pipeline import Pipeline, usable_cores
 from service.settings import ServeSettings
 from tests.conftest import scene, tiny_config
 
@@ -89,7 +88,7 @@ def test_a_batch_is_stacked_in_pinned_memory_for_a_gpu_only(model_and_weights, d
     assert backend.overlaps_postprocessing == (device == "cpu")
 
 
-CORES = len(os.sched_getaffinity(0))
+CORES = usable_cores()
 
 
 @pytest.mark.parametrize(
