@@ -96,6 +96,10 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     ours = server["servers"][0]["rows"]
     assert ours[0]["avg_batch"] == 1.0 and 1.0 <= ours[1]["avg_batch"] <= 3.0  # read from /metrics
     assert server["servers"][2]["rows"][0]["avg_batch"] is None  # the baseline does not batch
+    for r in ours:  # each image's stages, from the server's histograms over the level
+        assert list(r["stage_ms"]) == ["decode", "queue", "infer", "postprocess", "encode"]
+        assert all(ms > 0 for ms in r["stage_ms"].values())
+    assert server["servers"][2]["rows"][0]["stage_ms"] is None
     assert [(r["server"], r["concurrency"]) for r in server["ratios"]] == [(n, c) for n in names[:2] for c in (1, 3)]
     # each of our servers against its own backend's model-level row at its max batch size (2); the default
     # server on a CPU runs ONNX Runtime
@@ -114,6 +118,9 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert f"would serve cpu fp32 {ceiling} img/s" in md
     assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
     assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
+    assert "| decode / queue / infer / postprocess / encode ms |" in md and "Stages: each image's mean" in md
+    stages = ours[0]["stage_ms"]
+    assert f"| {stages['decode']} / {stages['queue']} / {stages['infer']} / " in md
     assert "maskformer --backend torch --max-batch-size 2 / transformers baseline, img/s:" in md
     assert "maskformer --backend torch --max-batch-size 2 / its raw backend (torch at batch 2), img/s:" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,6 +149,26 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
                 assert server["backend"]["backend"] == "torch" and server["backend"]["overlap_postprocessing"] is False
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
+
+
+def test_server_totals_give_each_levels_means():
+    from service.bench.load import mean_over, server_totals
+
+    def page(batches: float, images: float, decode_s: float) -> str:
+        return (
+            f"maskformer_batch_size_sum {images}\nmaskformer_batch_size_count {batches}\n"
+            f'maskformer_stage_seconds_sum{{stage="decode"}} {decode_s}\n'
+            f'maskformer_stage_seconds_count{{stage="decode"}} {images}\n'
+            'maskformer_stage_seconds_bucket{le="0.005",stage="decode"} 1.0\n'
+        )
+
+    before, after = server_totals(page(2, 3, 0.5)), server_totals(page(5, 12, 1.4))
+    assert mean_over(before, after, "batch") == 3.0  # 9 images in 3 batches
+    assert mean_over(before, after, "decode") == pytest.approx(0.1)  # 0.9 s over 9 images
+    assert mean_over(before, after, "infer") is None  # not on the page
+    assert mean_over(after, after, "batch") is None  # nothing happened
+    assert mean_over({}, after, "decode") == pytest.approx(1.4 / 12)  # the series began during the level
+    assert server_totals("baseline_requests_total 3\n") == {}
 
 
 def test_agreement_is_the_worst_images_fraction():

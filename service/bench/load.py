@@ -37,20 +37,39 @@ def sample_images(count: int, size: int) -> list[bytes]:
     return out
 
 
-def batch_totals(metrics_text: str) -> tuple[float, float] | None:
-    """(sum, count) of the maskformer_batch_size histogram, or None if the server does not export it."""
-    found = dict(re.findall(r"^maskformer_batch_size_(sum|count) (\S+)$", metrics_text, re.MULTILINE))
-    if len(found) != 2:
+STAGES = ("decode", "queue", "infer", "postprocess", "encode")  # service/pipeline.py's, in request order
+
+
+def server_totals(metrics_text: str) -> dict[str, float]:
+    """Running totals from a `maskformer serve` /metrics page: `batch_sum` and `batch_count` of the batch-size
+    histogram, and `<stage>_sum` and `<stage>_count` of the per-image stage histogram. Empty for a server
+    that exports neither (the baseline)."""
+    totals = {
+        f"batch_{kind}": float(value)
+        for kind, value in re.findall(r"^maskformer_batch_size_(sum|count) (\S+)$", metrics_text, re.MULTILINE)
+    }
+    pattern = r'^maskformer_stage_seconds_(sum|count)\{stage="(\w+)"\} (\S+)$'
+    for kind, stage, value in re.findall(pattern, metrics_text, re.MULTILINE):
+        totals[f"{stage}_{kind}"] = float(value)
+    return totals
+
+
+def mean_over(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """The mean of one histogram over the observations between two /metrics readings (a labelled series
+    appears at its first observation, so one missing before counts from zero)."""
+    total, count = f"{name}_sum", f"{name}_count"
+    if not {total, count} <= after.keys():
         return None
-    return float(found["sum"]), float(found["count"])
+    n = after[count] - before.get(count, 0.0)
+    return (after[total] - before.get(total, 0.0)) / n if n > 0 else None
 
 
-async def _batch_totals(client: httpx.AsyncClient) -> tuple[float, float] | None:
+async def _server_totals(client: httpx.AsyncClient) -> dict[str, float]:
     try:
         r = await client.get("/metrics")
     except httpx.HTTPError:
-        return None
-    return batch_totals(r.text) if r.status_code == 200 else None
+        return {}
+    return server_totals(r.text) if r.status_code == 200 else {}
 
 
 async def run_level(
@@ -68,7 +87,7 @@ async def run_level(
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, headers=headers) as client:
-        before = await _batch_totals(client)
+        before = await _server_totals(client)
         start = time.perf_counter()
         stop_at = start + max_seconds
 
@@ -90,7 +109,7 @@ async def run_level(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-        after = await _batch_totals(client)
+        after = await _server_totals(client)
     row: dict = {
         "concurrency": concurrency,
         "requests": sent,
@@ -100,10 +119,12 @@ async def run_level(
         "seconds": round(elapsed, 3),
         "img_per_s": round(len(latencies) / elapsed, 3),
         **(percentiles(latencies) if latencies else {}),
-        "avg_batch": None,
     }
-    if before and after and after[1] > before[1]:
-        row["avg_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 3)
+    batch = mean_over(before, after, "batch")
+    row["avg_batch"] = None if batch is None else round(batch, 3)
+    # Each image's mean time per stage, from the server's own histograms ("infer" is its batch's forward pass)
+    stages = {stage: mean_over(before, after, stage) for stage in STAGES}
+    row["stage_ms"] = {k: round(1000 * v, 3) for k, v in stages.items() if v is not None} or None
     return row
 
 
