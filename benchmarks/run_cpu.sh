@@ -25,8 +25,8 @@ fi
 ab_variant=onnxruntime+unfolded
 ab_server=(--serve-args "--no-fold-mask-conv $timeout")
 
-# The A/B of overlapping post-processing with the next forward pass, off on a CPU by default (service/pipeline.py)
-overlap_server=(--serve-args "--overlap-postprocessing on $timeout")
+# The A/B of overlapping post-processing with the next forward pass (service/batcher.py), on by default
+overlap_server=(--serve-args "--no-overlap-postprocessing $timeout")
 
 $py benchmarks/hf_r50.py --out "$work/r50-hf"
 .venv/bin/maskformer convert --from hf "$work/r50-hf" --out "$work/r50.safetensors" --name r50-random-ade

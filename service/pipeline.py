@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,13 +27,6 @@ from service.metrics import Metrics
 from service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity where the OS has one, as in a container's cpuset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
@@ -118,18 +110,11 @@ class Pipeline:
         self.batcher.start()
 
     def overlaps_postprocessing(self) -> bool:
-        """Whether a batch is post-processed while the next one runs (service/batcher.py).
-
-        A GPU forward pass leaves the host cores free for it. A CPU forward pass uses every core unless
-        `threads` is set lower: overlapping then makes the two fight over the cores, and the forward pass
-        loses more than the post-processing hides (benchmarks/run_cpu.sh measures both)."""
+        """Whether a batch is post-processed while the next one runs (service/batcher.py): where the backend
+        allows it, unless the setting turns it off. On a CPU whose every core runs the forward pass the two
+        contend, and benchmarks/run_cpu.sh's A/B could not tell overlapping from taking turns."""
         assert self.backend is not None
-        if not self.backend.overlaps_postprocessing or self.settings.overlap_postprocessing == "off":
-            return False
-        if self.settings.overlap_postprocessing == "on" or self.backend.device.type != "cpu":
-            return True
-        threads = self.settings.threads
-        return threads is not None and threads < usable_cores()
+        return self.backend.overlaps_postprocessing and self.settings.overlap_postprocessing
 
     def batch_taken(self, size: int, depth: int) -> None:
         """A batch left the queue: record its size and the depth left, or the gauge counts its requests as

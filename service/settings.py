@@ -56,10 +56,8 @@ class ServeSettings(BaseSettings):
     fold_mask_conv: bool = Field(
         True, description="on a CPU: fold the mask head into the last conv where that saves FLOPs (the same masks)"
     )
-    overlap_postprocessing: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="post-process a batch while the next one runs; auto: on a GPU, and on a CPU only when "
-        "`threads` leaves cores free",
+    overlap_postprocessing: bool = Field(
+        True, description="post-process a batch while the next one's forward pass runs, where the backend allows it"
     )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     log_level: str = "info"

@@ -146,7 +146,7 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
             (server,) = json.loads((out / "bench.json").read_text())["server"]["servers"]
             (row,) = server["rows"]
             if key == "k3y":  # what it ran, as GET /v1/model says
-                assert server["backend"]["backend"] == "torch" and server["backend"]["overlap_postprocessing"] is False
+                assert server["backend"]["backend"] == "torch" and server["backend"]["overlap_postprocessing"] is True
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
 

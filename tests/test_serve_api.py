@@ -336,7 +336,7 @@ def test_probes_model_info_docs_and_metrics(server):
     assert info["classes"][2] == {"id": 2, "name": "circle", "isthing": True}
     assert info["input_size"] == [128, 128] and info["backend"] == "torch" and info["precision"] == "fp32"
     assert info["versions"]["torch"] == torch.__version__
-    assert info["overlap_postprocessing"] is False  # a CPU forward pass on every core (the default threads)
+    assert info["overlap_postprocessing"] is True  # the torch backend on the CPU allows it, and it is on
     assert httpx.get(f"{url}/docs").status_code == 200
     spec = httpx.get(f"{url}/openapi.json").json()
     assert {"/segment", "/segment/batch", "/healthz", "/readyz", "/metrics", "/v1/model"} <= set(spec["paths"])
