@@ -3,7 +3,7 @@
 # SERVE_ARGS (B), semantic task, in two rounds; each round starts both servers and measures each concurrency
 # level on both back to back. Results in OUT/round{1,2}/. The A/Bs behind two CPU defaults:
 #   benchmarks/run_cpu_ab.sh benchmarks/results/cpu-fp32-backends "--backend torch" 1,4
-#   benchmarks/run_cpu_ab.sh benchmarks/results/cpu-overlap "--overlap-postprocessing on" 4,16
+#   benchmarks/run_cpu_ab.sh benchmarks/results/cpu-overlap "--no-overlap-postprocessing" 4,16
 # Usage: benchmarks/run_cpu_ab.sh OUT SERVE_ARGS [CONCURRENCY]   (about 8 minutes on 2 cores for two levels)
 set -euo pipefail
 cd "$(dirname "$0")/.."
