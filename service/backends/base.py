@@ -22,7 +22,7 @@ class Backend(abc.ABC):
     # Whether one batch's post-processing (on `device`, in another thread) may overlap the next batch's
     # forward pass. Not when the forward pass is queued on the CUDA stream post-processing uses too: its
     # host syncs would then wait for the next batch's whole forward pass, and nothing would be gained.
-    # Where it may, the pipeline still decides whether it does (Pipeline.overlaps_postprocessing).
+    # Where it may, the `overlap_postprocessing` setting can still turn it off (Pipeline.overlaps_postprocessing).
     overlaps_postprocessing: bool = True
 
     @abc.abstractmethod
