@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+STAGES = ("decode", "queue", "infer", "postprocess", "encode")  # a request's stages, in order
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -32,7 +33,7 @@ class Metrics:
         )
         self.stage = Histogram(
             "maskformer_stage_seconds",
-            "time per image in each stage: decode, queue, infer, postprocess, encode",
+            f"time per image in each stage: {', '.join(STAGES)}",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,

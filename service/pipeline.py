@@ -23,7 +23,7 @@ from service.backends import Backend, create_backend
 from service.batcher import Batcher, QueueFull
 from service.decode import Decoded, decode_input
 from service.encode import encode_result
-from service.metrics import Metrics
+from service.metrics import STAGES, Metrics
 from service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -195,13 +195,8 @@ class Pipeline:
         t1 = time.perf_counter()
         segments = await asyncio.to_thread(encode_result, result, self.info.class_names)
         encode_s = time.perf_counter() - t1
-        for stage, seconds in (
-            ("decode", t_decode),
-            ("queue", queue_s),
-            ("infer", infer_s),
-            ("postprocess", post_s),
-            ("encode", encode_s),
-        ):
+        timing = dict(zip(STAGES, (t_decode, queue_s, infer_s, post_s, encode_s), strict=True))
+        for stage, seconds in timing.items():
             self.metrics.stage.labels(stage).observe(seconds)
         h, w = image.orig_size
         return {
@@ -210,13 +205,7 @@ class Pipeline:
             "height": h,
             "model": {"name": self.info.name, "version": self.info.version},
             "segments": segments,
-            "timing_ms": {
-                "decode": round(1000 * t_decode, 3),
-                "queue": round(1000 * queue_s, 3),
-                "infer": round(1000 * infer_s, 3),
-                "postprocess": round(1000 * post_s, 3),
-                "encode": round(1000 * encode_s, 3),
-            },
+            "timing_ms": {stage: round(1000 * seconds, 3) for stage, seconds in timing.items()},
         }
 
     def _decode(self, data: bytes) -> Decoded:

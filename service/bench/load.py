@@ -24,6 +24,7 @@ from PIL import Image
 from model.data.shapes import VAL_SEED, generate
 from service.bench.model_bench import percentiles
 from service.client import Client, ServiceError
+from service.metrics import STAGES
 
 
 def sample_images(count: int, size: int) -> list[bytes]:
@@ -35,9 +36,6 @@ def sample_images(count: int, size: int) -> list[bytes]:
         img.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-STAGES = ("decode", "queue", "infer", "postprocess", "encode")  # service/pipeline.py's, in request order
 
 
 def server_totals(metrics_text: str) -> dict[str, float]:

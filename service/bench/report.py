@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from service.bench.load import STAGES
+from service.metrics import STAGES
 
 
 def machine() -> dict:
