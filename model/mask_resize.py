@@ -9,14 +9,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def region_logits(masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
+    """[N, h, w] mask logits at stride 4 -> [N, *image_size] logits of the image's region at the input size."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *image_size))
+    x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)[0]
+    return x[:, : image_size[0], : image_size[1]]
+
+
 def resize_mask_logits(
     masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int], orig_size: tuple[int, int]
 ) -> Tensor:
     """[N, h, w] mask logits at stride 4 -> [N, *orig_size] logits of the image's own region."""
     if masks.shape[0] == 0:
         return masks.new_zeros((0, *orig_size))
-    x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)
-    x = x[..., : image_size[0], : image_size[1]]
+    x = region_logits(masks, input_size, image_size)
     if tuple(x.shape[-2:]) == tuple(orig_size):
-        return x[0]  # resizing to the same size is the identity
-    return F.interpolate(x, size=orig_size, mode="bilinear", align_corners=False)[0]
+        return x  # resizing to the same size is the identity
+    return F.interpolate(x[None], size=orig_size, mode="bilinear", align_corners=False)[0]

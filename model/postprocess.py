@@ -5,7 +5,8 @@ official code does: bilinearly to the padded input size, cropped to the image's 
 its original size. Semantic follows the official semantic path, where the class scores take the second
 resize (model/semantic_map.py).
 Panoptic and instance pick their queries from the class scores alone, so only those queries' masks are
-resized; that gives the same result as resizing all of them first. They are resized QUERY_CHUNK at a time:
+resized; that gives the same result as resizing all of them first. Panoptic resizes them to an upload's
+size only where the owner can depend on it (model/panoptic_owner.py). They are resized QUERY_CHUNK at a time:
 on a CPU a fresh [100, 512, 512] float buffer is paid for in page faults, while a chunk's buffers come
 back from the allocator's cache.
 """
@@ -18,14 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.mask_resize import resize_mask_logits
+from model.boxes import Box, boxes_from_map, boxes_from_masks, count_pixels
+from model.mask_resize import region_logits, resize_mask_logits
+from model.panoptic_owner import ownership
 from model.semantic_map import semantic_map
 
 TASKS = ("semantic", "panoptic", "instance")
 QUERY_CHUNK = 16  # queries whose masks are resized at once
 
-Box = tuple[float, float, float, float]
-MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the output size
+MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the output size, or the region's
 
 
 @dataclass
@@ -58,68 +60,21 @@ class SegmentationResult:
         return self.segment_map == segment.id
 
 
-def _boxes(x0: Tensor, y0: Tensor, x1: Tensor, y1: Tensor) -> list[Box]:
-    return [(a, b, c - a + 1, d - b + 1) for a, b, c, d in torch.stack([x0, y0, x1, y1], 1).float().tolist()]
-
-
-def boxes_from_map(segment_map: Tensor, num_segments: int) -> tuple[list[int], list[Box]]:
-    """Areas and COCO boxes of segments 1..num_segments of a label map (zeros for an absent segment).
-
-    Two histograms, of (row, id) and (column, id) pairs, hold every segment's row and column extents; on a
-    CPU they cost several times less than min/max scatters over the pixels.
-    """
-    n = num_segments + 1
-    ids = segment_map.to(torch.int32)
-    per_row, per_col = _pixels_per_line(ids, n), _pixels_per_line(ids.t(), n)  # [S, H], [S, W]
-    return per_row.sum(1).tolist(), boxes_from_extents(per_row > 0, per_col > 0)
-
-
-def _pixels_per_line(ids: Tensor, n: int) -> Tensor:
-    """[n - 1, H] pixels of segments 1..n-1 in each row of an [H, W] int32 map."""
-    lines = torch.arange(ids.shape[0], dtype=torch.int32, device=ids.device)
-    counts = torch.bincount((ids + (lines * n)[:, None]).flatten(), minlength=ids.shape[0] * n)
-    return counts.view(-1, n)[:, 1:].t()
-
-
-def boxes_from_extents(in_rows: Tensor, in_cols: Tensor) -> list[Box]:
-    """COCO boxes from [N, H] and [N, W] booleans saying which rows and columns each mask touches."""
-    rows, cols = in_rows.view(torch.uint8), in_cols.view(torch.uint8)
-    h, w = rows.shape[1], cols.shape[1]
-    y0 = rows.argmax(1)
-    y1 = h - 1 - rows.flip(1).argmax(1)
-    x0 = cols.argmax(1)
-    x1 = w - 1 - cols.flip(1).argmax(1)
-    boxes = _boxes(x0, y0, x1, y1)
-    return [box if nonempty else (0.0, 0.0, 0.0, 0.0) for box, nonempty in zip(boxes, rows.amax(1).tolist())]
-
-
-def boxes_from_masks(masks: Tensor) -> list[Box]:
-    """COCO boxes of [N, H, W] boolean masks (zeros for an empty mask)."""
-    if masks.shape[0] == 0:
-        return []
-    # amax over uint8: several times faster on a CPU than any() over bool
-    as_bytes = masks.view(torch.uint8)
-    return boxes_from_extents(as_bytes.amax(2).view(torch.bool), as_bytes.amax(1).view(torch.bool))
-
-
-def _count(masks: Tensor) -> Tensor:
-    """Pixels set in each of [N, H, W] boolean masks.
-
-    The bytes are summed along rows into int16 where a row fits in one (several times faster on a CPU than
-    any wider sum; a bool sum converts to int64 first), then the rows into int32."""
-    narrow = torch.int16 if masks.shape[2] < 2**15 else torch.int32
-    return masks.view(torch.uint8).sum(2, dtype=narrow).sum(1, dtype=torch.int32)
-
-
 def _chunks(n: int) -> list[slice]:
     return [slice(start, min(start + QUERY_CHUNK, n)) for start in range(0, n, QUERY_CHUNK)]
 
 
 def map_result(
-    task: str, segment_map: Tensor, labels: list[int], scores: list[float], isthing: Sequence[bool]
+    task: str,
+    segment_map: Tensor,
+    labels: list[int],
+    scores: list[float],
+    isthing: Sequence[bool],
+    areas_boxes: tuple[list[int], list[Box]] | None = None,
 ) -> SegmentationResult:
-    """A result whose map holds segment ids 1..len(labels), with their areas and boxes."""
-    areas, boxes = boxes_from_map(segment_map, len(labels))
+    """A result whose map holds segment ids 1..len(labels), with their areas and boxes (from the map unless
+    given)."""
+    areas, boxes = areas_boxes or boxes_from_map(segment_map, len(labels))
     segments = [Segment(i + 1, c, scores[i], areas[i], boxes[i], bool(isthing[c])) for i, c in enumerate(labels)]
     return SegmentationResult(task, segments, segment_map=segment_map)
 
@@ -152,7 +107,8 @@ def semantic_inference(
 
 def panoptic_inference(
     logits: Tensor,
-    masks_fn: MaskFn,
+    region_fn: MaskFn,
+    region_size: tuple[int, int],
     out_size: tuple[int, int],
     isthing: Sequence[bool],
     object_mask_threshold: float = 0.8,
@@ -164,7 +120,8 @@ def panoptic_inference(
     Drop "no object" and queries scoring <= object_mask_threshold, weight each mask by its score, give
     every pixel to the best query, drop segments keeping < overlap_threshold of their own mask, and merge
     each stuff class into one segment. Segment ids are 1..S in query order, so they are always unique.
-    `masks_fn(query_indices)` returns those queries' mask logits at the output size.
+    `region_fn(query_indices)` returns those queries' mask logits at the image's region of the input
+    (`region_size`); model/panoptic_owner.py resizes them to `out_size` where that matters.
     """
     num_classes = logits.shape[-1] - 1
     scores, labels = logits.softmax(-1).max(-1)
@@ -174,29 +131,15 @@ def panoptic_inference(
         empty = torch.zeros(out_size, dtype=torch.int32, device=logits.device)
         return SegmentationResult("panoptic", [], segment_map=empty)
     cur_scores, cur_classes = scores[kept], labels[kept]
-    n = len(kept)
-    own_areas, best, owner = [], None, None  # owner: [H, W] index into kept of the best weighted mask
-    for part in _chunks(n):
-        probs = masks_fn(kept[part]).sigmoid_()
-        own_areas.append(_count(probs >= 0.5))
-        # max(0).indices: the same first-maximum rule as argmax(0), several times faster on a CPU
-        value, index = probs.mul_(cur_scores[part, None, None]).max(0)
-        if best is None or owner is None:
-            best, owner = value, index
-        else:
-            later = value > best  # strictly: on a tie the earlier query keeps the pixel, as argmax would
-            best = torch.where(later, value, best)
-            owner = torch.where(later, index + part.start, owner)
-    assert owner is not None
-    owned = torch.bincount(owner.flatten(), minlength=n).tolist()
-    own_area = torch.cat(own_areas).tolist()
+    owners = ownership(lambda part: region_fn(kept[part]), _chunks(len(kept)), cur_scores, region_size, out_size)
 
-    lut = [0] * n  # kept-query index -> segment id (0 = dropped)
+    lut = [0] * len(kept)  # kept-query index -> segment id (0 = dropped)
     seg_labels: list[int] = []
     seg_scores: list[float] = []
     stuff_segment: dict[int, int] = {}
     for i, (label, score) in enumerate(zip(cur_classes.tolist(), cur_scores.tolist())):
-        if owned[i] == 0 or own_area[i] == 0 or owned[i] / own_area[i] < overlap_threshold:
+        owned, own_area = owners.owned[i], owners.own_area[i]
+        if owned == 0 or own_area == 0 or owned / own_area < overlap_threshold:
             continue
         if not isthing[label] and label in stuff_segment:
             sid = stuff_segment[label]
@@ -210,9 +153,9 @@ def panoptic_inference(
             if not isthing[label]:
                 stuff_segment[label] = sid
         lut[i] = sid
-    table = torch.tensor(lut, dtype=torch.int32, device=owner.device)
-    segment_map = table[owner]
-    return map_result("panoptic", segment_map, seg_labels, seg_scores, isthing)
+    table = torch.tensor(lut, dtype=torch.int32, device=logits.device)
+    segment_map, areas, boxes = owners.segments(table, len(seg_labels))
+    return map_result("panoptic", segment_map, seg_labels, seg_scores, isthing, (areas, boxes))
 
 
 def instance_inference(
@@ -249,7 +192,7 @@ def instance_inference(
     for part in _chunks(n):
         mask_logits = masks_fn(queries[part])
         inside = torch.gt(mask_logits, 0, out=binary[part])
-        areas[part] = _count(inside)
+        areas[part] = count_pixels(inside)
         # The probabilities inside the mask, in place rather than through a mask-sized select:
         # sigmoid(max(x, 0)) - 0.5 is sigmoid(x) - 0.5 inside (exactly: both lie within a factor 2 of 0.5)
         # and exactly 0 outside; the 0.5 per pixel inside is added back below.
@@ -306,6 +249,9 @@ def postprocess(
         size = (int(image_sizes[i][0]), int(image_sizes[i][1]))
         orig = (int(orig_sizes[i][0]), int(orig_sizes[i][1]))
 
+        def region_fn(sel: Tensor, i: int = i, size: tuple[int, int] = size) -> Tensor:
+            return region_logits(masks[i, sel], input_size, size)
+
         def masks_fn(sel: Tensor, i: int = i, size: tuple[int, int] = size, orig: tuple[int, int] = orig) -> Tensor:
             return resize_mask_logits(masks[i, sel], input_size, size, orig)
 
@@ -313,7 +259,9 @@ def postprocess(
             results.append(semantic_inference(logits[i], masks[i], isthing, (input_size, size, orig), max_segments))
         elif task == "panoptic":
             t = 0.8 if threshold is None else threshold
-            results.append(panoptic_inference(logits[i], masks_fn, orig, isthing, t, overlap_threshold, max_segments))
+            results.append(
+                panoptic_inference(logits[i], region_fn, size, orig, isthing, t, overlap_threshold, max_segments)
+            )
         else:
             t = 0.0 if threshold is None else threshold
             results.append(instance_inference(logits[i], masks_fn, orig, isthing, t, None, max_segments))

@@ -105,7 +105,7 @@ def _proven_cells(padded: Tensor, probs: Tensor, sums: Tensor) -> Tensor:
     padded: [Q, h+2, w+2] mask logits; probs: [Q, C] candidate class probabilities; sums: [C, h+2, w+2]
     their cheap class scores at the logits.
     """
-    top, low = _pool2x2(padded, torch.maximum), _pool2x2(padded, torch.minimum)  # [Q, h+1, w+1]
+    top, low = pool2x2(padded, torch.maximum), pool2x2(padded, torch.minimum)  # [Q, h+1, w+1]
     # each query's sigmoid error: Jensen's bound, or the sigmoid's range (tighter where it saturates)
     gap = torch.minimum((top - low).square_().mul_(JENSEN), top.sigmoid_().sub_(low.sigmoid_())).flatten(1)
     c = probs.shape[1]
@@ -152,10 +152,10 @@ def _mixed_neighbourhoods(winner: Tensor) -> Tensor:
     """[H, W] bool: pixels in a 2x2 block whose winners differ (a bilinear resize mixes such blocks)."""
     down, right = winner[1:] != winner[:-1], winner[:, 1:] != winner[:, :-1]
     differ = down[:, 1:] | down[:, :-1] | right[1:] | right[:-1]
-    return _pool2x2(F.pad(differ, (1, 1, 1, 1)), torch.logical_or)  # block (y, x) covers pixels y..y+1, x..x+1
+    return pool2x2(F.pad(differ, (1, 1, 1, 1)), torch.logical_or)  # block (y, x) covers pixels y..y+1, x..x+1
 
 
-def _pool2x2(x: Tensor, op) -> Tensor:
+def pool2x2(x: Tensor, op) -> Tensor:
     """op over each 2x2 window of the last two dims, stride 1 (max_pool2d is many times slower on a CPU)."""
     rows = op(x[..., :-1, :], x[..., 1:, :])
     return op(rows[..., :-1], rows[..., 1:])

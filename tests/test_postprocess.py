@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.boxes import boxes_from_map, boxes_from_masks
 from model.mask_resize import resize_mask_logits
-from model.postprocess import boxes_from_map, boxes_from_masks, postprocess
+from model.postprocess import postprocess
 from model.semantic_map import semantic_map, semantic_map_reference
 
 NO_OBJECT = 20.0
