@@ -2,7 +2,8 @@
 
 Both run on the same logits, one image at a time, alternating so machine noise hits both, and timed in
 process CPU time. Two models: the random-init R50 the server benchmark uses and the shipped shapes model
-(trained, so its outputs look like a real model's), its logits post-processed at --size x --size.
+(trained, so its outputs look like a real model's), its logits post-processed at --size x --size and at a
+1920x1080 photo's size.
 Thresholds are transformers' defaults for both sides (panoptic 0.8, instance 0.5). The R50's class scores
 nearly tie everywhere, so nothing passes those: it is also run at threshold 0, where every query's mask is
 resized and scored (the most work either side can be given), and its semantic map is also made at a
@@ -37,6 +38,7 @@ from service.encode import encode_result
 DEFAULTS = [("semantic", None), ("panoptic", 0.8), ("instance", 0.5)]  # transformers' default thresholds
 EVERY_QUERY = [("panoptic", 0.0), ("instance", 0.0)]
 PHOTO = (480, 640)  # a 640x480 upload's result size
+HD = (1080, 1920)  # a 1920x1080 upload's: many times the shapes model's 256x256 input
 
 
 def theirs(
@@ -167,7 +169,7 @@ def main() -> None:
     r50_cases += [("semantic", None, PHOTO)] if "semantic" in tasks else []
     report["r50_random"] = compare(logits, masks, names, isthing, r50_cases, args.repeats)
     logits, masks, names, isthing = shapes_outputs(args.images)
-    shapes_cases = [(task, t, (args.size, args.size)) for task, t in defaults]
+    shapes_cases = [(task, t, size) for size in [(args.size, args.size), HD] for task, t in defaults]
     report["shapes_trained"] = compare(logits, masks, names, isthing, shapes_cases, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "postprocess.json").write_text(json.dumps(report, indent=2) + "\n")
