@@ -91,18 +91,19 @@ def semantic_inference(
     `masks` are [Q, h, w] stride-4 logits; `sizes` are the (input, image, original) sizes.
     One segment per class present; its score is the mean normalised class probability over its pixels.
     """
-    labels, score = semantic_map(logits, masks, *sizes)
+    classes_map = semantic_map(logits, masks, *sizes)
     k = logits.shape[-1] - 1
-    flat = labels.flatten()
-    present = torch.bincount(flat, minlength=k)
-    mean_score = torch.zeros(k, device=flat.device).scatter_add_(0, flat, score.flatten()) / present.clamp_min(1)
+    present, score_sums = classes_map.class_totals(k)
+    mean_score = score_sums / present.clamp_min(1)
     classes = present.nonzero().flatten()
     if max_segments is not None and len(classes) > max_segments:
         # Keep the largest classes; the others' pixels are left unlabelled (0).
         classes = classes[present[classes].argsort(descending=True)[:max_segments]].sort().values
-    lut = torch.zeros(k, dtype=torch.int32, device=flat.device)
-    lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=flat.device)
-    return map_result("semantic", lut[labels], classes.tolist(), mean_score[classes].tolist(), isthing)
+    lut = torch.zeros(k, dtype=torch.int32, device=logits.device)
+    lut[classes] = torch.arange(1, len(classes) + 1, dtype=torch.int32, device=logits.device)
+    segment_map, areas, boxes = classes_map.segments(lut, len(classes))
+    scores = mean_score[classes].tolist()
+    return map_result("semantic", segment_map, classes.tolist(), scores, isthing, (areas, boxes))
 
 
 def panoptic_inference(

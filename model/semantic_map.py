@@ -28,18 +28,80 @@ Where a cell is proven, its scores (for the reported confidence) are the cheap o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model.boxes import Box, boxes_from_map
+from model.resize_blocks import BlockGrid, pad_edges, pixel_chunks, pool2x2, use_blocks
+
 JENSEN = 1 / (48 * math.sqrt(3))  # sup|sigmoid''| / 8
 CELL_CHUNK = 2048  # cells computed exactly at a time: Q x 16 floats each
+# rounding of two class sums resized apart, relative to the largest sum (a few float32 ulps, with margin)
+SUM_SLACK = 1e-5
 # Bilinear weights of a 4x4 cell's pixels on its corners (top-left, top-right, bottom-left, bottom-right):
 # pixel phase p along an axis sits at 1/8 + p/4 between the two corners (align_corners=False, scale 4).
 _FRACTION = torch.tensor([0.125, 0.375, 0.625, 0.875])
 _AXIS = torch.stack([1 - _FRACTION, _FRACTION])  # [corner 0/1, phase]
 PHASE_WEIGHTS = torch.einsum("ay,bx->abyx", _AXIS, _AXIS).reshape(4, 16)
+
+
+@dataclass
+class SemanticMap:
+    """Each output pixel's class and score (its class's sum over the sum for all classes)."""
+
+    labels: Tensor  # [H, W] class ids
+    scores: Tensor  # [H, W]
+
+    def label_map(self) -> Tensor:
+        return self.labels
+
+    def class_totals(self, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Per class: its pixels and the sum of their scores (in float64: millions of float32 terms)."""
+        flat = self.labels.flatten()
+        pixels = torch.bincount(flat, minlength=num_classes)
+        sums = torch.zeros(num_classes, dtype=torch.float64, device=flat.device)
+        return pixels, sums.scatter_add_(0, flat, self.scores.flatten().double())
+
+    def segments(self, lut: Tensor, count: int) -> tuple[Tensor, list[int], list[Box]]:
+        """The [H, W] int32 map of segment ids lut[class] (0: none), and the areas and boxes of 1..count."""
+        segment_map = lut[self.labels]
+        return (segment_map, *boxes_from_map(segment_map, count))
+
+
+@dataclass
+class BlockSemanticMap(SemanticMap):
+    """Blockwise: `labels` is per [h, w] block of the region, valid where `settled`; the other blocks' pixels
+    have `exact_labels` at `exact_at`. Totals, areas and boxes come from the blocks and those pixels."""
+
+    grid: BlockGrid
+    settled: Tensor
+    exact_at: Tensor
+    exact_labels: Tensor
+
+    def label_map(self) -> Tensor:
+        out = self.grid.expand(self.labels)
+        out.view(-1)[self.exact_at] = self.exact_labels
+        return out
+
+    def class_totals(self, num_classes: int) -> tuple[Tensor, Tensor]:
+        keep = self.settled.flatten()
+        labels = self.labels.flatten()[keep]
+        pixels = torch.bincount(self.exact_labels, minlength=num_classes)
+        pixels.index_add_(0, labels, self.grid.pixels().flatten()[keep])
+        # each block's score sum: the output rows summed into their block rows, then the columns
+        rows = self.scores.new_zeros(len(self.grid.row_count), self.scores.shape[1])
+        block_sums = rows.index_add_(0, self.grid.rows, self.scores)
+        block_sums = block_sums.new_zeros(self.labels.shape).index_add_(1, self.grid.cols, block_sums)
+        sums = torch.zeros(num_classes, dtype=torch.float64, device=labels.device)
+        sums.index_add_(0, labels, block_sums.flatten()[keep].double())
+        sums.index_add_(0, self.exact_labels, self.scores.view(-1)[self.exact_at].double())
+        return pixels, sums
+
+    def segments(self, lut: Tensor, count: int) -> tuple[Tensor, list[int], list[Box]]:
+        return self.grid.label_map(lut[self.labels], self.settled, self.exact_at, lut[self.exact_labels], count)
 
 
 def semantic_map(
@@ -48,8 +110,8 @@ def semantic_map(
     input_size: tuple[int, int],
     image_size: tuple[int, int],
     orig_size: tuple[int, int],
-) -> tuple[Tensor, Tensor]:
-    """[Q, K+1] class logits and [Q, h, w] stride-4 mask logits -> ([H, W] class ids, [H, W] scores).
+) -> SemanticMap:
+    """[Q, K+1] class logits and [Q, h, w] stride-4 mask logits -> each output pixel's class and score.
 
     A pixel's score is its class's sum over the sum for all classes (its normalised class probability).
     """
@@ -80,9 +142,43 @@ def semantic_map(
         cells = F.max_pool2d(F.pad(mixed[None, None].float(), (2, 4 * (w + 1) - iw - 2, 2, 4 * (h + 1) - ih - 2)), 4)
         more = (cells[0, 0] > 0) & ~exact
         _write_exact(canvas, padded, weights, more)
+        if use_blocks(image_size, orig_size):
+            return _resize_blockwise(values, candidates, orig_size)
         values = F.interpolate(values[None], size=orig_size, mode="bilinear", align_corners=False)[0]
     value, best = values[:-1].max(0)
-    return candidates[best], value / values[-1].clamp_min(1e-12)
+    return SemanticMap(candidates[best], value / values[-1].clamp_min(1e-12))
+
+
+def _resize_blockwise(values: Tensor, candidates: Tensor, orig_size: tuple[int, int]) -> BlockSemanticMap:
+    """The second resize, to an original size many times the region's, of [C + 1, h, w] class sums (the last
+    for all classes) -> the classes and scores that resizing all of them and taking the maxima gives.
+
+    A block of the region whose four corners share a winner, each by more than rounding, keeps it on all
+    of its output pixels (model/resize_blocks.py): the winners are the blocks', and the scores need only the
+    winner's sums and the totals resized, which equal the winning class's there. The other blocks' pixels
+    get all class sums resized."""
+    padded = pad_edges(values)
+    top, win = padded[:-1].max(0)  # [h+1, w+1]
+    if len(padded) > 2:
+        runner_up = padded[:-1].clone().scatter_(0, win[None], float("-inf")).amax(0)
+        margin = pool2x2(top - runner_up, torch.minimum)
+    else:
+        margin = torch.full_like(top[:-1, :-1], float("inf"))
+    slack = SUM_SLACK * (1 + float(padded.amax()))
+    settled = (pool2x2(win, torch.minimum) == pool2x2(win, torch.maximum)) & (margin > slack)
+    grid = BlockGrid.of((values.shape[1], values.shape[2]), orig_size, values.device)
+    pair = torch.stack([top[:-1, :-1], values[-1]])[None]
+    pair = F.interpolate(pair, size=orig_size, mode="bilinear", align_corners=False)[0]
+    scores = pair[0].div_(pair[1].clamp_min_(1e-12))
+    exact_at = grid.pixels_of(~settled)
+    exact_labels = torch.empty_like(exact_at)
+    for chunk in pixel_chunks(len(exact_at)):
+        at = exact_at[chunk]
+        sums = grid.resize_at(padded, at)  # [C + 1, P]
+        value, best = sums[:-1].max(0)
+        exact_labels[chunk] = candidates[best]
+        scores.view(-1)[at] = value / sums[-1].clamp_min(1e-12)
+    return BlockSemanticMap(candidates[win[:-1, :-1]], scores, grid, settled, exact_at, exact_labels)
 
 
 def _top_classes(cheap: Tensor, k: int) -> Tensor:
@@ -153,12 +249,6 @@ def _mixed_neighbourhoods(winner: Tensor) -> Tensor:
     down, right = winner[1:] != winner[:-1], winner[:, 1:] != winner[:, :-1]
     differ = down[:, 1:] | down[:, :-1] | right[1:] | right[:-1]
     return pool2x2(F.pad(differ, (1, 1, 1, 1)), torch.logical_or)  # block (y, x) covers pixels y..y+1, x..x+1
-
-
-def pool2x2(x: Tensor, op) -> Tensor:
-    """op over each 2x2 window of the last two dims, stride 1 (max_pool2d is many times slower on a CPU)."""
-    rows = op(x[..., :-1, :], x[..., 1:, :])
-    return op(rows[..., :-1], rows[..., 1:])
 
 
 def semantic_map_reference(

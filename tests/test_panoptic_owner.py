@@ -4,15 +4,16 @@ import pytest
 import torch
 
 import model.panoptic_owner as po
+from model import resize_blocks
 from model.postprocess import postprocess
 from tests.test_postprocess import ISTHING, check_area_bbox, default_model_outputs, scene_outputs
 
 
 def both_ways(monkeypatch, out, isthing, **kwargs):
     """(blockwise, direct) results of the same panoptic post-processing."""
-    monkeypatch.setattr(po, "BLOCKWISE_FROM", 0.0)
+    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", 0.0)
     (blockwise,) = postprocess(out, "panoptic", isthing, **kwargs)
-    monkeypatch.setattr(po, "BLOCKWISE_FROM", float("inf"))
+    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", float("inf"))
     (direct,) = postprocess(out, "panoptic", isthing, **kwargs)
     return blockwise, direct
 
@@ -41,7 +42,7 @@ def test_blockwise_owners_of_wild_masks_in_parts(monkeypatch, chunk):
     """Random logits: masks cross zero everywhere, so most blocks are computed exactly, in small pixel chunks,
     and queries come in parts of `chunk`."""
     monkeypatch.setattr("model.postprocess.QUERY_CHUNK", chunk)
-    monkeypatch.setattr(po, "PIXEL_CHUNK", 999)
+    monkeypatch.setattr(resize_blocks, "PIXEL_CHUNK", 999)
     torch.manual_seed(0)
     out = {"pred_logits": torch.randn(1, 40, 5) * 3, "pred_masks": torch.randn(1, 40, 64, 80) * 4}
     kwargs = {"threshold": 0.3, "overlap_threshold": 0.0, "image_sizes": [(256, 300)], "orig_sizes": [(400, 610)]}

@@ -305,7 +305,8 @@ def test_semantic_map_is_the_official_order_on_the_default_model(image, orig):
     for i in range(3):
         logits, masks = out["pred_logits"][i], out["pred_masks"][i]
         ref = semantic_map_reference(logits, masks, size, image, orig)
-        labels, scores = semantic_map(logits, masks, size, image, orig)
+        result = semantic_map(logits, masks, size, image, orig)
+        labels, scores = result.label_map(), result.scores
         assert labels.shape == orig and scores.shape == orig and bool(((scores > 0) & (scores <= 1)).all())
         assert torch.equal(labels, ref)
 
@@ -325,7 +326,8 @@ def test_semantic_map_of_an_untrained_model_is_the_official_order(monkeypatch, c
         torch.manual_seed(seed)
         logits, masks = torch.randn(20, 31) * 0.1, torch.randn(20, 16, 16) * (2 if seed < 3 else 12)
         sums = official_sums(logits, masks, (64, 48), (90, 70))
-        labels, scores = semantic_map(logits, masks, (64, 64), (64, 48), (90, 70))
+        result = semantic_map(logits, masks, (64, 64), (64, 48), (90, 70))
+        labels, scores = result.label_map(), result.scores
         ref_value = sums.max(0).values
         ours_value = sums.gather(0, labels[None])[0]
         # Where the maps differ, the two classes tie to rounding (the sums are accumulated in another order).

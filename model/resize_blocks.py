@@ -1,0 +1,158 @@
+"""The 2x2 blocks a bilinear resize reads (align_corners=False, as the official code resizes).
+
+Each output pixel of such a resize is a convex combination of one 2x2 block of its source, clamped at the
+bottom and right edges (padding the source with one replicated row and column reproduces that). So a
+bound or a winner that holds at a block's four corners holds at all of its output pixels. The blockwise
+paths of model/panoptic_owner.py and model/semantic_map.py decide what they can per block and resize only
+the other blocks' pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from model.boxes import Box, boxes_from_bounds, pixels_per_line
+
+# Output pixels per source pixel from which the blockwise paths are used: below it, resizing the few maps
+# involved to a size near the source's costs less than the per-block work.
+BLOCKWISE_FROM = 3.0
+PIXEL_CHUNK = 1 << 16  # output pixels resized at a time on the exact path
+
+
+def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
+    return out_size[0] * out_size[1] >= BLOCKWISE_FROM * source_size[0] * source_size[1]
+
+
+def pixel_chunks(n: int) -> list[slice]:
+    """Slices of n exact pixels, PIXEL_CHUNK at a time."""
+    return [slice(start, min(start + PIXEL_CHUNK, n)) for start in range(0, n, PIXEL_CHUNK)]
+
+
+def pad_edges(x: Tensor) -> Tensor:
+    """[C, h, w] -> [C, h+1, w+1], the last row and column repeated: block (i, j) is rows i..i+1, columns
+    j..j+1 of the result."""
+    return F.pad(x[None], (0, 1, 0, 1), mode="replicate")[0]
+
+
+def pool2x2(x: Tensor, op) -> Tensor:
+    """op over each 2x2 window of the last two dims, stride 1 (max_pool2d is many times slower on a CPU)."""
+    rows = op(x[..., :-1, :], x[..., 1:, :])
+    return op(rows[..., :-1], rows[..., 1:])
+
+
+def _source_index(size_in: int, size_out: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per output index, the first source index it reads and the weight of the one after, as torch's CPU
+    kernel computes them: scale * (i + 0.5) - 0.5 in float32 with one rounding (a fused multiply-add; the
+    float64 product of two float32 numbers is exact)."""
+    scale = float(torch.tensor(size_in / size_out, dtype=torch.float32))
+    index = torch.arange(size_out, device=device, dtype=torch.float64)
+    src = ((index + 0.5) * scale - 0.5).float().clamp_min_(0)
+    first = src.long().clamp_max_(size_in - 1)
+    return first, (src - first).clamp_(0, 1)
+
+
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """a * b + c in float32 with one rounding, as the CPU kernel's fused multiply-adds give it."""
+    return torch.addcmul(c.double(), a.double(), b.double()).float()
+
+
+@dataclass
+class BlockGrid:
+    """Which block of an [h, w] source each pixel of an [H, W] output reads, and with what weights."""
+
+    rows: Tensor  # [H] each output row's block row
+    cols: Tensor  # [W] each output column's block column
+    row_weight: Tensor  # [H] the weight of the block's second row
+    col_weight: Tensor  # [W] the weight of the block's second column
+    row_count: Tensor  # [h] output rows per block row (0 where the resize shrinks)
+    col_count: Tensor  # [w]
+
+    @classmethod
+    def of(cls, source_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> BlockGrid:
+        rows, row_weight = _source_index(source_size[0], out_size[0], device)
+        cols, col_weight = _source_index(source_size[1], out_size[1], device)
+        row_count = torch.bincount(rows, minlength=source_size[0])
+        col_count = torch.bincount(cols, minlength=source_size[1])
+        return cls(rows, cols, row_weight, col_weight, row_count, col_count)
+
+    def pixels(self) -> Tensor:
+        """[h, w] output pixels of each block."""
+        return torch.outer(self.row_count, self.col_count)
+
+    def expand(self, per_block: Tensor) -> Tensor:
+        """[h, w] -> [H, W]: each output pixel gets its block's value."""
+        # columns first, on the small map: the row gather that follows copies whole rows
+        return per_block.index_select(1, self.cols).index_select(0, self.rows)
+
+    def pixels_of(self, blocks: Tensor) -> Tensor:
+        """Flat output indices of the pixels of the chosen [h, w] blocks, without a pass over the output.
+
+        A block's pixels are a rectangle: the output rows reading its row, by the output columns reading its
+        column (both runs, since the source index grows with the output index)."""
+        row_start = self.row_count.cumsum(0) - self.row_count
+        col_start = self.col_count.cumsum(0) - self.col_count
+        by, bx = blocks.nonzero().unbind(1)
+        height, width = self.row_count[by], self.col_count[bx]
+        sizes = height * width
+        block = torch.repeat_interleave(torch.arange(len(by), device=blocks.device), sizes)
+        offset = torch.arange(len(block), device=blocks.device) - (sizes.cumsum(0) - sizes)[block]
+        y = row_start[by][block] + offset // width[block]
+        x = col_start[bx][block] + offset % width[block]
+        return y * len(self.cols) + x
+
+    def resize_at(self, padded: Tensor, at: Tensor) -> Tensor:
+        """[C, h+1, w+1] padded source -> [C, P] its resized values at the flat output indices `at`.
+
+        Weighed as torch's CPU kernel weighs them (along the row, then across rows, each step a fused
+        multiply-add onto the second term's product): on a CPU they equal F.interpolate's where each axis
+        grows (tests check), and elsewhere may differ in the last bit, which can only matter where two
+        values tie to rounding."""
+        y, x = at // len(self.cols), at % len(self.cols)
+        stride = padded.shape[-1]
+        corner = self.rows[y] * stride + self.cols[x]  # each pixel's block's top-left in the padded source
+        wy, wx = self.row_weight[y], self.col_weight[x]
+        flat = padded.reshape(len(padded), -1)
+        top = _fma(flat[:, corner], 1 - wx, flat[:, corner + 1] * wx)
+        bottom = _fma(flat[:, corner + stride], 1 - wx, flat[:, corner + stride + 1] * wx)
+        return _fma(top, 1 - wy, bottom * wy)
+
+    def label_map(
+        self, block_ids: Tensor, settled: Tensor, exact_at: Tensor, exact_ids: Tensor, count: int
+    ) -> tuple[Tensor, list[int], list[Box]]:
+        """The [H, W] int32 map of ids 0..count (0: none): each settled block's id over its pixels and
+        `exact_ids` at `exact_at`, which cover the other blocks' pixels; with the areas and COCO boxes of
+        ids 1..count, taken from the blocks and those pixels rather than from a pass over the map."""
+        block_ids, exact_ids = block_ids.to(torch.int32), exact_ids.long()
+        out = self.expand(block_ids)
+        out.view(-1)[exact_at] = exact_ids.to(torch.int32)
+        n = count + 1
+        pixels = self.pixels()
+        settled = settled & (pixels > 0)  # a block the resize skips (it shrinks there) has no extent
+        ids = torch.where(settled, block_ids, 0)
+        areas = torch.bincount(exact_ids, minlength=n)
+        areas.index_add_(0, ids.flatten().long(), torch.where(settled, pixels, 0).flatten())
+        ys = _line_bounds(pixels_per_line(ids, n, 0), self.row_count)
+        xs = _line_bounds(pixels_per_line(ids, n, 1), self.col_count)
+        for (low, high), at in zip((ys, xs), (exact_at // len(self.cols), exact_at % len(self.cols))):
+            low.scatter_reduce_(0, exact_ids, at, "amin")
+            high.scatter_reduce_(0, exact_ids, at, "amax")
+        (y0, y1), (x0, x1) = ys, xs
+        return out, areas[1:].tolist(), boxes_from_bounds(x0[1:], y0[1:], x1[1:], y1[1:], y1[1:] >= 0)
+
+
+def _line_bounds(per_block_line: Tensor, line_count: Tensor) -> tuple[Tensor, Tensor]:
+    """Per id (0 first), the first and last output line of the block lines it has pixels in, from [n - 1, b]
+    pixel counts per block line; (output lines, -1) where it has none."""
+    size = int(line_count.sum())
+    start = line_count.cumsum(0) - line_count
+    touched = (per_block_line > 0).view(torch.uint8)
+    first = start[touched.argmax(1)]
+    last_block = touched.shape[1] - 1 - touched.flip(1).argmax(1)
+    last = start[last_block] + line_count[last_block] - 1
+    hit = touched.amax(1) > 0
+    low, high = torch.where(hit, first, size), torch.where(hit, last, -1)
+    return torch.cat([low.new_full((1,), size), low]), torch.cat([high.new_full((1,), -1), high])
