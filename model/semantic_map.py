@@ -22,6 +22,9 @@ wrong:
 4. The second resize, to the original size, mixes 2x2 neighbouring pixels. Where a pixel's neighbourhood
    has one winner the mix keeps it; where winners differ, the official order's tie-break depends on exact
    values, so those pixels' cells are computed exactly first.
+5. Where the original size is many times the region's, the second resize goes by 2x2 blocks of the region
+   (model/resize_blocks.py): a block whose corners share a winner keeps it on all of its pixels, so only the
+   winner's sums and the totals are resized there, for the scores.
 Where a cell is proven, its scores (for the reported confidence) are the cheap order's.
 """
 
