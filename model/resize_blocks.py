@@ -55,11 +55,6 @@ def _source_index(size_in: int, size_out: int, device: torch.device) -> tuple[Te
     return first, (src - first).clamp_(0, 1)
 
 
-def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """a * b + c in float32 with one rounding, as the CPU kernel's fused multiply-adds give it."""
-    return torch.addcmul(c.double(), a.double(), b.double()).float()
-
-
 @dataclass
 class BlockGrid:
     """Which block of an [h, w] source each pixel of an [H, W] output reads, and with what weights."""
@@ -107,18 +102,23 @@ class BlockGrid:
     def resize_at(self, padded: Tensor, at: Tensor) -> Tensor:
         """[C, h+1, w+1] padded source -> [C, P] its resized values at the flat output indices `at`.
 
-        Weighed as torch's CPU kernel weighs them (along the row, then across rows, each step a fused
-        multiply-add onto the second term's product): on a CPU they equal F.interpolate's where each axis
-        grows (tests check), and elsewhere may differ in the last bit, which can only matter where two
-        values tie to rounding."""
+        Weighed as torch's CPU kernel weighs them: along the row, then across rows, each step a fused
+        multiply-add onto the second term's product (addcmul is one on CPUs with FMA). On a CPU they equal
+        F.interpolate's where each axis grows (tests check), and elsewhere may differ in the last bit, which
+        can only matter where two values tie to rounding."""
         y, x = at // len(self.cols), at % len(self.cols)
         stride = padded.shape[-1]
-        corner = self.rows[y] * stride + self.cols[x]  # each pixel's block's top-left in the padded source
-        wy, wx = self.row_weight[y], self.col_weight[x]
+        # index_select: several times faster than indexing with a tensor on a CPU
+        corner = self.rows.index_select(0, y) * stride + self.cols.index_select(0, x)  # blocks' top-left
+        wy, wx = self.row_weight.index_select(0, y), self.col_weight.index_select(0, x)
         flat = padded.reshape(len(padded), -1)
-        top = _fma(flat[:, corner], 1 - wx, flat[:, corner + 1] * wx)
-        bottom = _fma(flat[:, corner + stride], 1 - wx, flat[:, corner + stride + 1] * wx)
-        return _fma(top, 1 - wy, bottom * wy)
+
+        def at_offset(offset: int) -> Tensor:
+            return flat.index_select(1, corner + offset)
+
+        top = torch.addcmul(at_offset(1) * wx, at_offset(0), 1 - wx)
+        bottom = torch.addcmul(at_offset(stride + 1) * wx, at_offset(stride), 1 - wx)
+        return torch.addcmul(bottom * wy, top, 1 - wy)
 
     def label_map(
         self, block_ids: Tensor, settled: Tensor, exact_at: Tensor, exact_ids: Tensor, count: int
