@@ -71,7 +71,7 @@ def ownership(
 ) -> Ownership:
     """The owners of an [H, W] = out_size result from [h, w] = region_size region logits; `parts` cover the
     kept queries (whose scores are `scores`), resized a part at a time."""
-    if use_blocks(region_size, out_size):
+    if use_blocks(region_size, out_size, scores.device):
         return _blockwise(region_fn, parts, scores, out_size)
     return _direct(region_fn, parts, scores, out_size)
 

@@ -23,8 +23,11 @@ BLOCKWISE_FROM = 3.0
 PIXEL_CHUNK = 1 << 16  # output pixels resized at a time on the exact path
 
 
-def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int]) -> bool:
-    return out_size[0] * out_size[1] >= BLOCKWISE_FROM * source_size[0] * source_size[1]
+def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> bool:
+    """Whether to resize by blocks: on a CPU, from BLOCKWISE_FROM times the source's pixels. A GPU runs the
+    full-size resize as a few kernels where the blocks take dozens of small ones, and no GPU has measured
+    them, so it keeps the direct path."""
+    return device.type == "cpu" and out_size[0] * out_size[1] >= BLOCKWISE_FROM * source_size[0] * source_size[1]
 
 
 def pixel_chunks(n: int) -> list[slice]:

@@ -145,7 +145,7 @@ def semantic_map(
         cells = F.max_pool2d(F.pad(mixed[None, None].float(), (2, 4 * (w + 1) - iw - 2, 2, 4 * (h + 1) - ih - 2)), 4)
         more = (cells[0, 0] > 0) & ~exact
         _write_exact(canvas, padded, weights, more)
-        if use_blocks(image_size, orig_size):
+        if use_blocks(image_size, orig_size, values.device):
             return _resize_blockwise(values, candidates, orig_size)
         values = F.interpolate(values[None], size=orig_size, mode="bilinear", align_corners=False)[0]
     value, best = values[:-1].max(0)
