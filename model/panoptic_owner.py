@@ -7,7 +7,8 @@ largest score * sigmoid(logit) (the first on ties), and a query's own area count
 sigmoid is >= 0.5.
 
 An upload larger than the model's input makes that second resize the costly part: every kept query's mask
-at full resolution, several times over. But a bilinear resize writes each output pixel as a convex
+at full resolution, several times over. On a CPU (model/resize_blocks.py says when) it goes by blocks: a
+bilinear resize writes each output pixel as a convex
 combination of one 2x2 block of region logits, so there a query's logit lies between the block's smallest
 and largest, and the sigmoid and a positive score keep that order. Where one query's lowest weighted
 probability beats every other query's highest, it owns all of the block's output pixels; where a mask's
