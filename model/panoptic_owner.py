@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.boxes import Box, boxes_from_map, count_pixels
-from model.resize_blocks import BlockGrid, pad_edges, pixel_chunks, pool2x2, use_blocks
+from model.resize_blocks import LOGIT_SLACK, BlockGrid, pad_edges, pixel_chunks, pool2x2, use_blocks
 
-# Margins for float32 rounding: of the resize (its weights sum to 1 only to within a few ulps), relative to
-# the query's largest logit, and of the sigmoid and the product, relative to the weighted probability.
-LOGIT_SLACK = 1e-5
+# A margin for float32 rounding of the sigmoid and the product, relative to the weighted probability (the
+# resize's is resize_blocks.LOGIT_SLACK).
 PROB_RATIO = 1 + 1e-6
 
 RegionFn = Callable[[slice], Tensor]  # a slice of the kept queries -> their [n, h, w] region logits

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.boxes import Box, boxes_from_map, boxes_from_masks, count_pixels
-from model.mask_resize import region_logits, resize_mask_logits
+from model.boxes import Box, boxes_from_map, boxes_from_masks
+from model.instance_masks import mask_sums
+from model.mask_resize import region_logits
 from model.panoptic_owner import ownership
 from model.semantic_map import semantic_map
 
 TASKS = ("semantic", "panoptic", "instance")
 QUERY_CHUNK = 16  # queries whose masks are resized at once
 
-MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the output size, or the region's
+MaskFn = Callable[[Tensor], Tensor]  # query indices -> their mask logits at the image's region of the input
 
 
 @dataclass
@@ -161,7 +162,8 @@ def panoptic_inference(
 
 def instance_inference(
     logits: Tensor,
-    masks_fn: MaskFn,
+    region_fn: MaskFn,
+    region_size: tuple[int, int],
     out_size: tuple[int, int],
     isthing: Sequence[bool],
     threshold: float = 0.0,
@@ -171,7 +173,8 @@ def instance_inference(
     """Top-k over query x class scores, each score multiplied by the mean mask probability inside its mask.
 
     Only thing classes compete when the model has any. Results are sorted by score, highest first;
-    segments scoring <= threshold and empty masks are dropped.
+    segments scoring <= threshold and empty masks are dropped. `region_fn` is as for panoptic_inference;
+    model/instance_masks.py resizes the masks.
     """
     q, k1 = logits.shape
     probs = logits.softmax(-1)[:, :-1]
@@ -187,21 +190,9 @@ def instance_inference(
     valid = cls_scores > max(threshold, 0.0)
     cls_scores, queries, labels = cls_scores[valid], queries[valid], labels[valid]
     n = len(queries)
-    binary = torch.empty((n, *out_size), dtype=torch.bool, device=logits.device)
-    areas = torch.empty(n, dtype=torch.int32, device=logits.device)
-    prob_sums = torch.empty(n, dtype=torch.float64, device=logits.device)
-    for part in _chunks(n):
-        mask_logits = masks_fn(queries[part])
-        inside = torch.gt(mask_logits, 0, out=binary[part])
-        areas[part] = count_pixels(inside)
-        # The probabilities inside the mask, in place rather than through a mask-sized select:
-        # sigmoid(max(x, 0)) - 0.5 is sigmoid(x) - 0.5 inside (exactly: both lie within a factor 2 of 0.5)
-        # and exactly 0 outside; the 0.5 per pixel inside is added back below.
-        # Summed along rows first: a float32 sum over whole masks rounds differently depending on how
-        # many masks are reduced at once, which would make the scores depend on QUERY_CHUNK.
-        above_half = mask_logits.clamp_min_(0).sigmoid_().sub_(0.5)
-        prob_sums[part] = above_half.sum(2).sum(1, dtype=torch.float64)
-    prob_sums += 0.5 * areas
+    binary, areas, prob_sums = mask_sums(
+        lambda part: region_fn(queries[part]), _chunks(n), n, region_size, out_size, logits.device
+    )
     mask_scores = (prob_sums / (areas + 1e-6)).float()  # the mean mask probability inside the mask
     scores = cls_scores * mask_scores
     keep = ((scores > threshold) & (areas > 0)).nonzero().flatten()
@@ -253,9 +244,6 @@ def postprocess(
         def region_fn(sel: Tensor, i: int = i, size: tuple[int, int] = size) -> Tensor:
             return region_logits(masks[i, sel], input_size, size)
 
-        def masks_fn(sel: Tensor, i: int = i, size: tuple[int, int] = size, orig: tuple[int, int] = orig) -> Tensor:
-            return resize_mask_logits(masks[i, sel], input_size, size, orig)
-
         if task == "semantic":
             results.append(semantic_inference(logits[i], masks[i], isthing, (input_size, size, orig), max_segments))
         elif task == "panoptic":
@@ -265,5 +253,5 @@ def postprocess(
             )
         else:
             t = 0.0 if threshold is None else threshold
-            results.append(instance_inference(logits[i], masks_fn, orig, isthing, t, None, max_segments))
+            results.append(instance_inference(logits[i], region_fn, size, orig, isthing, t, None, max_segments))
     return results

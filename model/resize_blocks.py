@@ -21,6 +21,9 @@ from model.boxes import Box, boxes_from_bounds, pixels_per_line
 # involved to a size near the source's costs less than the per-block work.
 BLOCKWISE_FROM = 3.0
 PIXEL_CHUNK = 1 << 16  # output pixels resized at a time on the exact path
+# A resized logit can exceed its block's corners by float32 rounding (the weights sum to 1 only to within a
+# few ulps): margins relative to the mask's largest logit, with room to spare.
+LOGIT_SLACK = 1e-5
 
 
 def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> bool:
@@ -122,6 +125,18 @@ class BlockGrid:
         top = torch.addcmul(at_offset(1) * wx, at_offset(0), 1 - wx)
         bottom = torch.addcmul(at_offset(stride + 1) * wx, at_offset(stride), 1 - wx)
         return torch.addcmul(bottom * wy, top, 1 - wy)
+
+    def resize_window(self, padded: Tensor, rows: slice, cols: slice) -> Tensor:
+        """[C, h+1, w+1] padded source -> [C, Y, X], the resize's output in that window of output rows and
+        columns, weighed as resize_at weighs: along the row for the source rows the window reads, then
+        across them."""
+        r, wy = self.rows[rows], self.row_weight[rows, None]
+        c, wx = self.cols[cols], self.col_weight[cols]
+        first = int(r[0])
+        src = padded[:, first : int(r[-1]) + 2]
+        along = torch.addcmul(src.index_select(2, c + 1) * wx, src.index_select(2, c), 1 - wx)
+        r = r - first
+        return torch.addcmul(along.index_select(1, r + 1) * wy, along.index_select(1, r), 1 - wy)
 
     def label_map(
         self, block_ids: Tensor, settled: Tensor, exact_at: Tensor, exact_ids: Tensor, count: int
