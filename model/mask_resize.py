@@ -1,6 +1,7 @@
 """How stride-4 mask logits reach the image, as the official code does it.
 
-Bilinearly to the padded input size, cropped to the image's region, then bilinearly to its original size.
+Bilinearly to the padded input size, cropped to the image's region, then bilinearly to its original size;
+this module does the first two steps, and the post-processing of each task the last, where it matters.
 """
 
 from __future__ import annotations
@@ -15,15 +16,3 @@ def region_logits(masks: Tensor, input_size: tuple[int, int], image_size: tuple[
         return masks.new_zeros((0, *image_size))
     x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)[0]
     return x[:, : image_size[0], : image_size[1]]
-
-
-def resize_mask_logits(
-    masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int], orig_size: tuple[int, int]
-) -> Tensor:
-    """[N, h, w] mask logits at stride 4 -> [N, *orig_size] logits of the image's own region."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *orig_size))
-    x = region_logits(masks, input_size, image_size)
-    if tuple(x.shape[-2:]) == tuple(orig_size):
-        return x  # resizing to the same size is the identity
-    return F.interpolate(x[None], size=orig_size, mode="bilinear", align_corners=False)[0]

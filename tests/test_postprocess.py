@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from model.boxes import boxes_from_map, boxes_from_masks
-from model.mask_resize import resize_mask_logits
+from model.mask_resize import region_logits
 from model.postprocess import postprocess
 from model.semantic_map import semantic_map, semantic_map_reference
 
@@ -161,7 +161,8 @@ def test_instance_scores_are_the_official_formula():
     sizes = {"image_sizes": [(256, 300)], "orig_sizes": [(190, 230)]}
     out = {"pred_logits": logits[None], "pred_masks": masks[None]}
     (res,) = postprocess(out, "instance", ISTHING, **sizes)
-    full = resize_mask_logits(masks, (256, 320), (256, 300), (190, 230))
+    region = region_logits(masks, (256, 320), (256, 300))
+    full = F.interpolate(region[None], size=(190, 230), mode="bilinear", align_corners=False)[0]
     inside = full > 0
     mean_prob = torch.where(inside, full.sigmoid(), 0.0).double().sum((1, 2)) / inside.sum((1, 2))
     class_probs = logits.softmax(-1)[:, :-1].double()
