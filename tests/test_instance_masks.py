@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import resize_blocks
-from model.postprocess import postprocess
 from model.resize_blocks import BlockGrid, pad_edges
-from tests.test_postprocess import ISTHING, check_area_bbox, default_model_outputs
+from tests.test_postprocess import ISTHING, check_area_bbox
+from tests.test_resize_blocks import default_model_both_ways, postprocess_both_ways
 
 
 @pytest.mark.parametrize("source, out", [((20, 24), (90, 70)), ((64, 48), (1080, 1920)), ((33, 17), (20, 100))])
@@ -24,14 +23,6 @@ def test_a_window_resizes_as_the_pixels_do(source, out):
     assert torch.allclose(window, whole, rtol=0, atol=1e-6 * float(x.abs().max()))
 
 
-def both_ways(monkeypatch, out, isthing, **kwargs):
-    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", 0.0)
-    (windowed,) = postprocess(out, "instance", isthing, **kwargs)
-    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", float("inf"))
-    (whole,) = postprocess(out, "instance", isthing, **kwargs)
-    return windowed, whole
-
-
 def assert_same(windowed, whole):
     assert [(s.label_id, s.area, s.bbox) for s in windowed.segments] == [
         (s.label_id, s.area, s.bbox) for s in whole.segments
@@ -45,10 +36,7 @@ def assert_same(windowed, whole):
 @pytest.mark.parametrize("orig", [(512, 512), (1080, 1920), (300, 1000), (90, 2000)])
 def test_windowed_masks_equal_whole_ones_on_the_default_model(monkeypatch, orig):
     """Threshold 0: every query's mask, empty ones included."""
-    model, out = default_model_outputs()
-    for i in range(3):
-        one = {k: v[i : i + 1] for k, v in out.items()}
-        windowed, whole = both_ways(monkeypatch, one, model.info.isthing, threshold=0.0, orig_sizes=[orig])
+    for windowed, whole in default_model_both_ways(monkeypatch, "instance", orig, threshold=0.0):
         assert len(windowed.segments) >= 2
         assert_same(windowed, whole)
 
@@ -60,6 +48,6 @@ def test_windowed_masks_of_random_logits_in_parts(monkeypatch, chunk):
     logits, masks = torch.randn(24, 5) * 3, torch.randn(24, 64, 80) * 4 - 6  # mostly below 0: small windows
     out = {"pred_logits": logits[None], "pred_masks": masks[None]}
     kwargs = {"image_sizes": [(256, 300)], "orig_sizes": [(700, 610)]}
-    windowed, whole = both_ways(monkeypatch, out, ISTHING, **kwargs)
+    windowed, whole = postprocess_both_ways(monkeypatch, out, "instance", ISTHING, **kwargs)
     assert len(windowed.segments) >= 10
     assert_same(windowed, whole)

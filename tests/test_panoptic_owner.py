@@ -5,17 +5,8 @@ import torch
 
 import model.panoptic_owner as po
 from model import resize_blocks
-from model.postprocess import postprocess
-from tests.test_postprocess import ISTHING, check_area_bbox, default_model_outputs, scene_outputs
-
-
-def both_ways(monkeypatch, out, isthing, **kwargs):
-    """(blockwise, direct) results of the same panoptic post-processing."""
-    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", 0.0)
-    (blockwise,) = postprocess(out, "panoptic", isthing, **kwargs)
-    monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", float("inf"))
-    (direct,) = postprocess(out, "panoptic", isthing, **kwargs)
-    return blockwise, direct
+from tests.test_postprocess import ISTHING, check_area_bbox, scene_outputs
+from tests.test_resize_blocks import default_model_both_ways, postprocess_both_ways
 
 
 def assert_same(blockwise, direct):
@@ -30,8 +21,8 @@ SCENE_SIZES = [((256, 320), (700, 900)), ((256, 300), (517, 333)), ((200, 320), 
 
 @pytest.mark.parametrize("image, orig", SCENE_SIZES)
 def test_blockwise_owners_equal_the_resized_masks_on_a_scene(monkeypatch, image, orig):
-    blockwise, direct = both_ways(
-        monkeypatch, scene_outputs(), ISTHING, threshold=0.5, image_sizes=[image], orig_sizes=[orig]
+    blockwise, direct = postprocess_both_ways(
+        monkeypatch, scene_outputs(), "panoptic", ISTHING, threshold=0.5, image_sizes=[image], orig_sizes=[orig]
     )
     assert len(blockwise.segments) >= 4
     assert_same(blockwise, direct)
@@ -46,14 +37,13 @@ def test_blockwise_owners_of_wild_masks_in_parts(monkeypatch, chunk):
     torch.manual_seed(0)
     out = {"pred_logits": torch.randn(1, 40, 5) * 3, "pred_masks": torch.randn(1, 40, 64, 80) * 4}
     kwargs = {"threshold": 0.3, "overlap_threshold": 0.0, "image_sizes": [(256, 300)], "orig_sizes": [(400, 610)]}
-    blockwise, direct = both_ways(monkeypatch, out, ISTHING, **kwargs)
+    blockwise, direct = postprocess_both_ways(monkeypatch, out, "panoptic", ISTHING, **kwargs)
     assert len(blockwise.segments) >= 5
     assert_same(blockwise, direct)
 
 
 @pytest.mark.parametrize("orig", [(512, 512), (1080, 1920), (300, 1000)])
 def test_blockwise_owners_on_the_default_model(monkeypatch, orig):
-    model, out = default_model_outputs()
     computed = []
     blockwise_fn = po._blockwise
 
@@ -63,9 +53,7 @@ def test_blockwise_owners_on_the_default_model(monkeypatch, orig):
         return owners
 
     monkeypatch.setattr(po, "_blockwise", counting)
-    for i in range(3):
-        one = {k: v[i : i + 1] for k, v in out.items()}
-        blockwise, direct = both_ways(monkeypatch, one, model.info.isthing, orig_sizes=[orig])
+    for blockwise, direct in default_model_both_ways(monkeypatch, "panoptic", orig):
         assert len(blockwise.segments) >= 2
         assert_same(blockwise, direct)
     # the point of the blocks: few output pixels need their resized logits

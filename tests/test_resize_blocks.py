@@ -44,10 +44,24 @@ def test_a_blocks_pixels_resized_at_equal_the_resize(source, out, bit_equal):
 
 
 def both_ways(monkeypatch, run):
+    """(blockwise, direct): what `run()` returns with the blocks forced on, then off."""
     monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", 0.0)
     blockwise = run()
     monkeypatch.setattr(resize_blocks, "BLOCKWISE_FROM", float("inf"))
     return blockwise, run()
+
+
+def postprocess_both_ways(monkeypatch, out, task, isthing, **kwargs):
+    """(blockwise, direct) results of the same one-image post-processing."""
+    return both_ways(monkeypatch, lambda: postprocess(out, task, isthing, **kwargs)[0])
+
+
+def default_model_both_ways(monkeypatch, task, orig, **kwargs):
+    """(blockwise, direct) results for the shipped model's outputs on three validation images."""
+    model, out = default_model_outputs()
+    images = [{k: v[i : i + 1] for k, v in out.items()} for i in range(3)]
+    isthing = model.info.isthing
+    return [postprocess_both_ways(monkeypatch, one, task, isthing, orig_sizes=[orig], **kwargs) for one in images]
 
 
 def assert_same_semantic(blockwise, direct):
@@ -63,12 +77,7 @@ def assert_same_semantic(blockwise, direct):
 
 @pytest.mark.parametrize("orig", [(512, 512), (1080, 1920), (300, 1000), (90, 2000)])
 def test_blockwise_semantic_equals_resizing_every_class_sum_on_the_default_model(monkeypatch, orig):
-    model, out = default_model_outputs()
-    for i in range(3):
-        one = {k: v[i : i + 1] for k, v in out.items()}
-        blockwise, direct = both_ways(
-            monkeypatch, lambda one=one: postprocess(one, "semantic", model.info.isthing, orig_sizes=[orig])[0]
-        )
+    for blockwise, direct in default_model_both_ways(monkeypatch, "semantic", orig):
         assert len(blockwise.segments) >= 2
         assert_same_semantic(blockwise, direct)
 
@@ -83,7 +92,7 @@ def test_blockwise_semantic_of_random_logits_and_a_scene(monkeypatch):
     assert torch.equal(blockwise.label_map(), direct.label_map())
     assert torch.equal(blockwise.scores, direct.scores)
     kwargs = {"image_sizes": [(200, 320)], "orig_sizes": [(150, 1100)], "max_segments": 3}
-    blockwise, direct = both_ways(monkeypatch, lambda: postprocess(scene_outputs(), "semantic", ISTHING, **kwargs)[0])
+    blockwise, direct = postprocess_both_ways(monkeypatch, scene_outputs(), "semantic", ISTHING, **kwargs)
     assert len(blockwise.segments) == 3 and int((blockwise.segment_map == 0).sum()) > 0
     assert_same_semantic(blockwise, direct)
 
