@@ -1,7 +1,7 @@
 """How stride-4 mask logits reach the image, as the official code does it.
 
 Bilinearly to the padded input size, cropped to the image's region, then bilinearly to its original size;
-this module does the first two steps, and the post-processing of each task the last, where it matters.
+this module does the first two steps; model/resize_blocks.py the last (whole, or by blocks where that pays).
 """
 
 from __future__ import annotations

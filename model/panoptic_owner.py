@@ -24,14 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from model.boxes import Box, boxes_from_map, count_pixels
-from model.resize_blocks import LOGIT_SLACK, BlockGrid, pad_edges, pixel_chunks, pool2x2, use_blocks
+from model.resize_blocks import BlockGrid, pad_edges, pixel_chunks, pool2x2, resize, rounding_margin, use_blocks
 
 # A margin for float32 rounding of the sigmoid and the product, relative to the weighted probability (the
-# resize's is resize_blocks.LOGIT_SLACK).
+# resize's is resize_blocks.rounding_margin).
 PROB_RATIO = 1 + 1e-6
 
 RegionFn = Callable[[slice], Tensor]  # a slice of the kept queries -> their [n, h, w] region logits
@@ -79,10 +78,7 @@ def ownership(
 def _direct(region_fn: RegionFn, parts: list[slice], scores: Tensor, out_size: tuple[int, int]) -> Ownership:
     own_areas, best, owner = [], None, None  # owner: [H, W] index of the best weighted mask
     for part in parts:
-        x = region_fn(part)
-        if tuple(x.shape[-2:]) != tuple(out_size):
-            x = F.interpolate(x[None], size=out_size, mode="bilinear", align_corners=False)[0]
-        probs = x.sigmoid_()
+        probs = resize(region_fn(part), out_size).sigmoid_()
         own_areas.append(count_pixels(probs >= 0.5))
         # max(0).indices: the same first-maximum rule as argmax(0), several times faster on a CPU
         value, index = probs.mul_(scores[part, None, None]).max(0)
@@ -98,7 +94,7 @@ def _blockwise(region_fn: RegionFn, parts: list[slice], scores: Tensor, out_size
     for part in parts:
         x = pad_edges(region_fn(part))
         regions.append(x)
-        slack = x.abs().amax((1, 2), keepdim=True).add_(1).mul_(LOGIT_SLACK)
+        slack = rounding_margin(x)
         low = pool2x2(x, torch.minimum).sub_(slack)  # [n, h, w] per block
         high = pool2x2(x, torch.maximum).add_(slack)
         sure_in.append(low > 0)

@@ -21,9 +21,9 @@ from model.boxes import Box, boxes_from_bounds, pixels_per_line
 # involved to a size near the source's costs less than the per-block work.
 BLOCKWISE_FROM = 3.0
 PIXEL_CHUNK = 1 << 16  # output pixels resized at a time on the exact path
-# A resized logit can exceed its block's corners by float32 rounding (the weights sum to 1 only to within a
-# few ulps): margins relative to the mask's largest logit, with room to spare.
-LOGIT_SLACK = 1e-5
+# A resized value can exceed its block's corners by float32 rounding (the weights sum to 1 only to within a
+# few ulps): a margin relative to the map's largest magnitude, with room to spare.
+RESIZE_SLACK = 1e-5
 
 
 def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int], device: torch.device) -> bool:
@@ -31,6 +31,18 @@ def use_blocks(source_size: tuple[int, int], out_size: tuple[int, int], device: 
     full-size resize as a few kernels where the blocks take dozens of small ones, and no GPU has measured
     them, so it keeps the direct path."""
     return device.type == "cpu" and out_size[0] * out_size[1] >= BLOCKWISE_FROM * source_size[0] * source_size[1]
+
+
+def rounding_margin(x: Tensor) -> Tensor:
+    """[..., h, w] maps -> [..., 1, 1]: how far rounding can take a resized value past its block's corners."""
+    return x.abs().amax((-2, -1), keepdim=True).add_(1).mul_(RESIZE_SLACK)
+
+
+def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """[C, h, w] -> [C, *size], bilinearly as the official code resizes (x itself at its own size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def pixel_chunks(n: int) -> list[slice]:
@@ -80,6 +92,15 @@ class BlockGrid:
         col_count = torch.bincount(cols, minlength=source_size[1])
         return cls(rows, cols, row_weight, col_weight, row_count, col_count)
 
+    @property
+    def row_start(self) -> Tensor:
+        """[h] the first output row reading each block row (where it has any)."""
+        return self.row_count.cumsum(0) - self.row_count
+
+    @property
+    def col_start(self) -> Tensor:
+        return self.col_count.cumsum(0) - self.col_count
+
     def pixels(self) -> Tensor:
         """[h, w] output pixels of each block."""
         return torch.outer(self.row_count, self.col_count)
@@ -94,8 +115,7 @@ class BlockGrid:
 
         A block's pixels are a rectangle: the output rows reading its row, by the output columns reading its
         column (both runs, since the source index grows with the output index)."""
-        row_start = self.row_count.cumsum(0) - self.row_count
-        col_start = self.col_count.cumsum(0) - self.col_count
+        row_start, col_start = self.row_start, self.col_start
         by, bx = blocks.nonzero().unbind(1)
         height, width = self.row_count[by], self.col_count[bx]
         sizes = height * width
@@ -138,6 +158,13 @@ class BlockGrid:
         r = r - first
         return torch.addcmul(along.index_select(1, r + 1) * wy, along.index_select(1, r), 1 - wy)
 
+    def row_bounds(self, touched: Tensor) -> tuple[Tensor, Tensor]:
+        """Per row of [N, h] booleans (block rows touched): the first and last output row reading them."""
+        return _line_bounds(touched, self.row_start, self.row_count)
+
+    def col_bounds(self, touched: Tensor) -> tuple[Tensor, Tensor]:
+        return _line_bounds(touched, self.col_start, self.col_count)
+
     def label_map(
         self, block_ids: Tensor, settled: Tensor, exact_at: Tensor, exact_ids: Tensor, count: int
     ) -> tuple[Tensor, list[int], list[Box]]:
@@ -153,8 +180,8 @@ class BlockGrid:
         ids = torch.where(settled, block_ids, 0)
         areas = torch.bincount(exact_ids, minlength=n)
         areas.index_add_(0, ids.flatten().long(), torch.where(settled, pixels, 0).flatten())
-        ys = _line_bounds(pixels_per_line(ids, n, 0), self.row_count)
-        xs = _line_bounds(pixels_per_line(ids, n, 1), self.col_count)
+        ys = _with_none(*self.row_bounds(pixels_per_line(ids, n, 0) > 0), len(self.rows))
+        xs = _with_none(*self.col_bounds(pixels_per_line(ids, n, 1) > 0), len(self.cols))
         for (low, high), at in zip((ys, xs), (exact_at // len(self.cols), exact_at % len(self.cols))):
             low.scatter_reduce_(0, exact_ids, at, "amin")
             high.scatter_reduce_(0, exact_ids, at, "amax")
@@ -162,15 +189,18 @@ class BlockGrid:
         return out, areas[1:].tolist(), boxes_from_bounds(x0[1:], y0[1:], x1[1:], y1[1:], y1[1:] >= 0)
 
 
-def _line_bounds(per_block_line: Tensor, line_count: Tensor) -> tuple[Tensor, Tensor]:
-    """Per id (0 first), the first and last output line of the block lines it has pixels in, from [n - 1, b]
-    pixel counts per block line; (output lines, -1) where it has none."""
-    size = int(line_count.sum())
-    start = line_count.cumsum(0) - line_count
-    touched = (per_block_line > 0).view(torch.uint8)
+def _with_none(low: Tensor, high: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The bounds with id 0's (none: (size, -1)) in front, for scattering by id."""
+    return torch.cat([low.new_full((1,), size), low]), torch.cat([high.new_full((1,), -1), high])
+
+
+def _line_bounds(touched: Tensor, start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of [N, b] booleans saying which block lines something touches: the first and last output
+    line those block lines are read by; (output lines, -1) where it touches none or they are read by none."""
+    size = int(count.sum())
+    touched = touched.view(torch.uint8)
     first = start[touched.argmax(1)]
     last_block = touched.shape[1] - 1 - touched.flip(1).argmax(1)
-    last = start[last_block] + line_count[last_block] - 1
-    hit = touched.amax(1) > 0
-    low, high = torch.where(hit, first, size), torch.where(hit, last, -1)
-    return torch.cat([low.new_full((1,), size), low]), torch.cat([high.new_full((1,), -1), high])
+    last = start[last_block] + count[last_block] - 1
+    hit = (touched.amax(1) > 0) & (last >= first)
+    return torch.where(hit, first, size), torch.where(hit, last, -1)

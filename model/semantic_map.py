@@ -38,12 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.boxes import Box, boxes_from_map
-from model.resize_blocks import BlockGrid, pad_edges, pixel_chunks, pool2x2, use_blocks
+from model.resize_blocks import BlockGrid, pad_edges, pixel_chunks, pool2x2, resize, rounding_margin, use_blocks
 
 JENSEN = 1 / (48 * math.sqrt(3))  # sup|sigmoid''| / 8
 CELL_CHUNK = 2048  # cells computed exactly at a time: Q x 16 floats each
-# rounding of two class sums resized apart, relative to the largest sum (a few float32 ulps, with margin)
-SUM_SLACK = 1e-5
 # Bilinear weights of a 4x4 cell's pixels on its corners (top-left, top-right, bottom-left, bottom-right):
 # pixel phase p along an axis sits at 1/8 + p/4 between the two corners (align_corners=False, scale 4).
 _FRACTION = torch.tensor([0.125, 0.375, 0.625, 0.875])
@@ -147,7 +145,7 @@ def semantic_map(
         _write_exact(canvas, padded, weights, more)
         if use_blocks(image_size, orig_size, values.device):
             return _resize_blockwise(values, candidates, orig_size)
-        values = F.interpolate(values[None], size=orig_size, mode="bilinear", align_corners=False)[0]
+        values = resize(values, orig_size)
     value, best = values[:-1].max(0)
     return SemanticMap(candidates[best], value / values[-1].clamp_min(1e-12))
 
@@ -167,11 +165,10 @@ def _resize_blockwise(values: Tensor, candidates: Tensor, orig_size: tuple[int, 
         margin = pool2x2(top - runner_up, torch.minimum)
     else:
         margin = torch.full_like(top[:-1, :-1], float("inf"))
-    slack = SUM_SLACK * (1 + float(padded.amax()))
+    slack = float(rounding_margin(padded).amax())  # for the sums' differences
     settled = (pool2x2(win, torch.minimum) == pool2x2(win, torch.maximum)) & (margin > slack)
     grid = BlockGrid.of((values.shape[1], values.shape[2]), orig_size, values.device)
-    pair = torch.stack([top[:-1, :-1], values[-1]])[None]
-    pair = F.interpolate(pair, size=orig_size, mode="bilinear", align_corners=False)[0]
+    pair = resize(torch.stack([top[:-1, :-1], values[-1]]), orig_size)
     scores = pair[0].div_(pair[1].clamp_min_(1e-12))
     exact_at = grid.pixels_of(~settled)
     exact_labels = torch.empty_like(exact_at)

@@ -95,7 +95,7 @@ def test_a_batch_is_stacked_in_pinned_memory_for_a_gpu_only(model_and_weights, d
 def test_postprocessing_overlaps_the_next_forward_pass_where_the_backend_allows(backend_allows, setting, overlaps):
     settings = ServeSettings(overlap_postprocessing=setting)
     pipeline = Pipeline(settings, Metrics(settings.max_batch_size))
-    pipeline.backend = SimpleNamespace(device=torch.device("cpu"), overlaps_postprocessing=backend_allows)
+    pipeline.backend = SimpleNamespace(overlaps_postprocessing=backend_allows)
     assert pipeline.overlaps_postprocessing() is overlaps
 
 
