@@ -60,6 +60,9 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
 
     report = json.loads((out / "bench.json").read_text())
     assert report["kind"] == "maskformer-bench" and report["command"].startswith("maskformer bench --weights")
+    # what the figures depend on: the CPU's model and the vector instructions torch's kernels use on it
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"({report['machine']['cpu_capability']}), " in (out / "bench.md").read_text()
     rows = report["model"]["rows"]
     variants = ("torch", "torch+unfolded", "onnxruntime")
     assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in variants for b in (1, 2)]

@@ -21,10 +21,24 @@ def machine() -> dict:
             pass
     return {
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        # the widest vector instructions torch's kernels use here (AVX2, AVX512, ...): results move with it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": torch.multiprocessing.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "versions": versions,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 BASELINE = "transformers-baseline"
@@ -115,7 +129,8 @@ def efficiency(servers: list[dict], model: dict | None) -> list[dict]:
 def markdown(report: dict) -> str:
     lines = [f"# maskformer bench: {report['created']}", "", f"`{report['command']}`", ""]
     m = report["machine"]
-    lines += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, GPU: {m['gpu'] or 'none'}, {m['versions']}", ""]
+    cpu = f"{m['cpu']} ({m['cpu_capability']}), {m['cpu_count']} CPUs"
+    lines += [f"Machine: {m['platform']}, {cpu}, GPU: {m['gpu'] or 'none'}, {m['versions']}", ""]
     model = report.get("model")
     if model:
         h, w = model["input_size"]
