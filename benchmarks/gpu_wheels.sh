@@ -13,7 +13,9 @@ grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >>"$exclude"
 rm -rf .whl  # two versions of one package stop the device's install
 wheels=(annotated-types==0.8.0 typing-inspection==0.4.5 python-dotenv==1.2.4 annotated-doc==0.0.7
     typing-extensions==4.16.0)
-for name in fastapi starlette uvicorn python-multipart pydantic pydantic-core pydantic-settings orjson pycocotools; do
+# fastapi imports opentelemetry-api (which needs only typing-extensions), and the image has neither
+for name in fastapi opentelemetry-api starlette uvicorn python-multipart pydantic pydantic-core pydantic-settings orjson \
+    pycocotools; do
     pinned=$(grep -i "^$name==" constraints.txt) || { echo "gpu_wheels.sh: $name is not pinned in constraints.txt" >&2; exit 1; }
     wheels+=("$pinned")
 done

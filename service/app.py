@@ -48,6 +48,14 @@ class FastJSON(JSONResponse):
         return orjson.dumps(content)
 
 
+def package_version() -> str:
+    """The installed package's version; a source tree run from PYTHONPATH, never pip-installed, has none."""
+    try:
+        return metadata.version("maskformer-serving")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def error_response(err: ApiError) -> FastJSON:
     return FastJSON(err.body(), status_code=err.status, headers=err.headers)
 
@@ -172,7 +180,7 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
 
     app = FastAPI(
         title="MaskFormer",
-        version=metadata.version("maskformer-serving"),
+        version=package_version(),
         description="Semantic, panoptic and instance segmentation with MaskFormer; masks as COCO RLE.",
         lifespan=lifespan,
         default_response_class=FastJSON,
@@ -277,7 +285,7 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             "overlap_postprocessing": pipeline.overlaps_postprocessing() if backend else None,
             "default_task": settings.default_task,
             "versions": {
-                "maskformer": metadata.version("maskformer-serving"),
+                "maskformer": package_version(),
                 "python": caps.python,
                 "torch": caps.torch,
                 "onnxruntime": caps.onnxruntime,

@@ -409,3 +409,19 @@ def test_onnxruntime_backend_exports_once_and_agrees_with_torch(weights, tmp_pat
             lm[decode_rle(s) == 1] = s["label_id"]
         label_map[name] = lm
     assert (label_map["ort"] == label_map["torch"]).mean() > 0.999
+
+
+def test_a_source_tree_never_pip_installed_reports_an_unknown_version(monkeypatch):
+    """GET /v1/model and the OpenAPI page name the package's version; run from PYTHONPATH there is none,
+    which must not stop the server (the lent GPU machine runs the checkout that way)."""
+    from importlib import metadata
+
+    from service.app import package_version
+
+    assert package_version() == metadata.version("maskformer-serving")
+
+    def not_installed(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    assert package_version() == "0+unknown"
