@@ -54,6 +54,14 @@ class SegmentationResult:
         lut = torch.tensor([-1] + [s.label_id for s in self.segments], device=self.segment_map.device)
         return lut[self.segment_map.long()]
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SegmentationResult:
+        """The same result with its map or masks on `device`."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return SegmentationResult(self.task, self.segments, move(self.segment_map), move(self.masks))
+
     def mask(self, segment: Segment) -> Tensor:
         if self.masks is not None:
             return self.masks[segment.id - 1]

@@ -133,6 +133,8 @@ class Pipeline:
         t0 = time.perf_counter()
         try:
             logits, masks = self.backend.infer(images)
+            if logits.is_cuda:  # the torch backend returns once its kernels are queued: time them, not that
+                torch.cuda.current_stream(logits.device).synchronize()
         except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("inference failed for a batch of %d (error id %s)", len(batch), error_id)
@@ -162,8 +164,12 @@ class Pipeline:
                 log.exception("post-processing failed (error id %s)", error_id)
                 out.append(errors.inference_failed(error_id))
                 continue
+            if logits.is_cuda:
+                # to the host now, on this stream: encoding copies later, from another thread, would queue
+                # behind the next batch's forward pass
+                result = result.to("cpu", non_blocking=True)
             out.append((result, inferred.infer_s, time.perf_counter() - t1))
-        if logits.is_cuda:  # outputs from a backend's own stream: done with them before it reuses their memory
+        if logits.is_cuda:  # the copies above are done, and the outputs can be reused
             torch.cuda.current_stream(logits.device).synchronize()
         return out
 

@@ -57,6 +57,17 @@ def check_area_bbox(result):
         assert seg.bbox == boxes_from_masks(mask[None])[0]
 
 
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_a_result_moves_between_devices_whole(task):
+    """The service moves GPU results to the host before encoding them (service/pipeline.py)."""
+    result = postprocess(scene_outputs(), task, ISTHING)[0]
+    moved = result.to("cpu", non_blocking=True)
+    assert moved.task == task and moved.segments == result.segments
+    for a, b in [(moved.segment_map, result.segment_map), (moved.masks, result.masks)]:
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert (moved.masks if task == "instance" else moved.segment_map) is not None
+
+
 def test_boxes_from_map_equal_each_masks_box():
     torch.manual_seed(0)
     segment_map = torch.randint(0, 4, (9, 13), dtype=torch.int32)
