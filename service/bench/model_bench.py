@@ -10,6 +10,7 @@ rate in its precision the forward pass reaches (service/bench/roofline.py).
 
 from __future__ import annotations
 
+import gc
 import resource
 import time
 from dataclasses import dataclass
@@ -66,7 +67,9 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA allocations on a GPU, resident set size (VmHWM) on the CPU."""
+    """Peak memory over a block: what the process holds on a GPU (the caching allocator's reserved memory,
+    which counts CUDA graphs' private pools; their replays allocate nothing), resident set size (VmHWM) on
+    the CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -74,6 +77,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # blocks cached by earlier work are not this block's
             torch.cuda.reset_peak_memory_stats()
         else:
             try:
@@ -85,7 +89,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            self.mib = torch.cuda.max_memory_allocated() / 2**20
+            self.mib = torch.cuda.max_memory_reserved() / 2**20
         else:
             try:
                 status = Path("/proc/self/status").read_text()
@@ -159,7 +163,7 @@ def bench_variant(
     if reference is not None:  # once per variant, at its largest batch size
         maps = semantic_maps(backend.infer, fidelity_images(cfg.input_size), max(batch_sizes), info.isthing)
         fidelity = round(agreement(maps, reference), 6)
-    memory_kind = "cuda_allocated" if backend.device.type == "cuda" else "rss"
+    memory_kind = "cuda_reserved" if backend.device.type == "cuda" else "rss"
     folded = bool(backend.describe().get("fold_mask_conv"))
     rows = []
     for b in batch_sizes:
@@ -223,6 +227,10 @@ def bench_models(
             skipped.append({"variant": text, "reason": f"{type(err).__name__}: {err}"})
             progress(f"  {text}: skipped ({type(err).__name__}: {err})")
             continue
+        finally:
+            if torch.cuda.is_available():  # the variant's backend is gone: hand its cached memory back
+                gc.collect()
+                torch.cuda.empty_cache()
         for r in new:
             progress(f"  {text} batch {r['batch']}: {r['img_per_s']} img/s, p50 {r['p50_ms']} ms")
         if new:
