@@ -1,10 +1,13 @@
 """PyTorch eager (or torch.compile) on CPU or CUDA, in fp32, fp16 or bf16, optionally with CUDA graphs.
 
-The model is prepared by model/inference.py: batch norms folded, weights cast once, and on a CPU
-channels_last activations (bf16 there needs AMX or AVX512-BF16).
+The model is prepared by model/inference.py: batch norms folded, weights cast once, channels_last
+activations on a CPU (bf16 there needs AMX or AVX512-BF16) and in fp16/bf16 on CUDA, and fp32 on CUDA
+without TF32.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,12 +57,20 @@ class TorchBackend(Backend):
     def warmup(self, input_size: tuple[int, int]) -> list[int]:
         sizes = super().warmup(input_size)
         if self.cuda_graphs:
-            for b in sizes:
-                self.graphs[b] = self._capture(b, input_size)
+            # Largest first, and all in the first graph's memory pool: one pool sized for the largest batch
+            # instead of one private pool per batch size. Safe because replays run one at a time on one
+            # stream and infer() clones a replay's outputs before the next replay can overwrite them (graphs
+            # that never run at once and never read each other's outputs may share a pool in any replay order:
+            # pytorch/pytorch#166975, which vLLM relies on).
+            pool = None  # a pool handle: a tuple of ints in torch 2.11, an opaque type in later versions
+            for b in sorted(sizes, reverse=True):
+                self.graphs[b] = self._capture(b, input_size, pool)
+                if pool is None:
+                    pool = self.graphs[b][0].pool()
         return sizes
 
     @torch.no_grad()
-    def _capture(self, batch: int, input_size: tuple[int, int]):
+    def _capture(self, batch: int, input_size: tuple[int, int], pool: Any = None):
         static_in = torch.zeros(batch, 3, *input_size, dtype=torch.uint8, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -68,7 +79,7 @@ class TorchBackend(Backend):
                 self._forward(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, pool=pool):
             static_out = self._forward(static_in)
         return g, static_in, static_out
 
