@@ -4,7 +4,10 @@
   graph; in torch eager it otherwise costs a multiply and an add over every feature map.
 - In fp16/bf16, convolution and linear weights are cast once, instead of by autocast on every call.
 - On a CPU, activations are channels_last, the layout oneDNN's convolutions run fastest in: in fp32 too,
-  and in bf16 for the AMX and AVX512-BF16 kernels.
+  and in bf16 for the AMX and AVX512-BF16 kernels. On CUDA too in fp16/bf16, the layout tensor-core
+  convolutions read natively (unmeasured here: no GPU has been lent to this work).
+- On CUDA, fp32 means fp32: cuDNN's TF32 convolutions (on by default in PyTorch) are turned off, as TF32
+  matmuls are by default, so the fp32 rows of a benchmark are the precision they name.
   bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
 - On a CPU, the mask embeddings are folded into the pixel decoder's last conv where that saves work
   (`MaskFormer.fold_mask_conv`; for the ADE20K R50 preset 13 % of the forward pass's FLOPs). Not on CUDA,
@@ -89,15 +92,24 @@ def prepare_for_inference(
                 m.to(DTYPES[precision])
     if device.type == "cpu":
         model.fold_mask_conv = folds_mask_conv(model.cfg, device, fold_mask_conv)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # process-wide, as cuDNN's setting is
+        torch.backends.cuda.matmul.allow_tf32 = False
+    if channels_last(device, precision):
         # torch 2.11's type stubs lack Module.to's memory_format overload, which every version runs
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload,unused-ignore]
     return model
 
 
+def channels_last(device: torch.device, precision: str) -> bool:
+    """Whether the model runs channels_last activations here (see the module docstring)."""
+    return device.type == "cpu" or (device.type == "cuda" and precision != "fp32")
+
+
 def run(model: Callable[[Tensor], Any], images: Tensor, device: torch.device, precision: str) -> tuple[Tensor, Tensor]:
     """(pred_logits, pred_masks) in fp32 for [B, 3, H, W] images (uint8 or float) already on `device`."""
     x = images.float()
-    if device.type == "cpu":
+    if channels_last(device, precision):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, DTYPES[precision], enabled=precision != "fp32"):
         out = model(x)

@@ -78,3 +78,20 @@ def test_the_service_on_the_gpu_answers_like_the_cpu(tmp_path):
     for i in range(len(images)):
         found = [{s["label"] for s in answers[name, "instance", i]["segments"]} for name in ("cpu", "cuda fp32")]
         assert found[0] == found[1]
+
+
+def test_fp32_on_cuda_is_fp32_and_half_precision_runs_channels_last():
+    """cuDNN's TF32 convolutions are PyTorch's default: prepared for fp32 on CUDA they are off, and fp16 runs
+    the tensor cores' native layout."""
+    from model.checkpoint import load_model
+    from model.inference import prepare_for_inference
+
+    model = load_model()
+    cuda = torch.device("cuda")
+    fp32 = prepare_for_inference(model, cuda, "fp32")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    conv = next(m for m in fp32.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fp16 = prepare_for_inference(model, cuda, "fp16")
+    conv = next(m for m in fp16.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+    assert conv.weight.dtype == torch.float16 and conv.weight.is_contiguous(memory_format=torch.channels_last)

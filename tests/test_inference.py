@@ -7,7 +7,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import model.inference as inference
 from model import ModelInfo, build_model
-from model.inference import check_precision, fold_frozen_batchnorm, prepare_for_inference, run
+from model.inference import channels_last, check_precision, fold_frozen_batchnorm, prepare_for_inference, run
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -63,6 +63,13 @@ def test_fp32_on_the_cpu_runs_channels_last_and_keeps_the_outputs(block):
     for key, value in zip(("pred_logits", "pred_masks"), got):
         assert value.dtype == torch.float32
         assert torch.allclose(value, want[key], atol=1e-3, rtol=1e-4), (value - want[key]).abs().max()
+
+
+def test_channels_last_where_its_kernels_are_fastest():
+    """The CPU always (oneDNN), CUDA in fp16/bf16 (tensor cores); fp32 on CUDA stays NCHW."""
+    assert channels_last(CPU, "fp32") and channels_last(CPU, "bf16")
+    cuda = torch.device("cuda")
+    assert channels_last(cuda, "fp16") and channels_last(cuda, "bf16") and not channels_last(cuda, "fp32")
 
 
 def test_precisions_a_cpu_cannot_run_are_refused(monkeypatch):
