@@ -21,7 +21,9 @@ def letterbox(
     _, h, w = image.shape
     scale = min(size[0] / h, size[1] / w)
     rh, rw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (rh, rw) != (h, w):
+    if (rh, rw) != (h, w) and image.dtype == torch.uint8 and not image.is_cpu:
+        image = resize_in_float(image, (rh, rw))  # the antialiased uint8 kernel is the CPU's alone
+    elif (rh, rw) != (h, w):
         image = F.interpolate(image[None], size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
     value = torch.tensor(fill, dtype=torch.float64)
     if image.dtype == torch.uint8:
@@ -29,3 +31,9 @@ def letterbox(
     out = value.to(image.dtype).to(image.device).view(3, 1, 1).repeat(1, *size)
     out[:, :rh, :rw] = image
     return out, (rh, rw)
+
+
+def resize_in_float(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """A [3, H, W] uint8 image resized as letterbox resizes, through float32, rounded back to uint8."""
+    x = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return x.round_().clamp_(0, 255).to(torch.uint8)

@@ -283,6 +283,7 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             **(backend.describe() if backend else {"backend": None}),
             "max_batch_size": settings.max_batch_size,
             "overlap_postprocessing": pipeline.overlaps_postprocessing() if backend else None,
+            "gpu_preprocessing": pipeline.decodes_on_gpu() if backend else None,
             "default_task": settings.default_task,
             "versions": {
                 "maskformer": package_version(),

@@ -1,4 +1,5 @@
 """The request path, in order: decode -> letterbox -> dynamic batcher -> backend -> post-process -> encode.
+(On CUDA, JPEGs are decoded and letterboxed on the GPU: service/decode_gpu.py.)
 
 HTTP lives in service/app.py; this module knows nothing of it beyond raising ApiErrors.
 """
@@ -9,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from service import errors
 from service.backends import Backend, create_backend
 from service.batcher import Batcher, QueueFull
 from service.decode import Decoded, decode_input
+from service.decode_gpu import GpuDecoder, uses_gpu_decoder
 from service.encode import encode_result
 from service.metrics import STAGES, Metrics
 from service.settings import ServeSettings
@@ -60,6 +62,7 @@ class Pipeline:
         self.weights = Path(settings.weights) if settings.weights else default_weights()
         self.cfg, self.info = read_metadata(self.weights)  # fails fast on a bad checkpoint
         self.backend: Backend | None = None
+        self.decoder: Callable[[bytes, int, tuple[int, int], tuple[float, float, float]], Decoded] = decode_input
         self.warm_batch_sizes: list[int] = []
         self.batcher: Batcher | None = None
 
@@ -72,6 +75,8 @@ class Pipeline:
         self.check_outputs(backend)
         if self.settings.warmup:
             self.warm_batch_sizes = backend.warmup(self.cfg.input_size)
+        if uses_gpu_decoder(backend.device, backend.name, self.settings.gpu_preprocessing):
+            self.decoder = GpuDecoder(backend.device)
         self.backend = backend
         log.info(
             "%s ready on %s (%s) in %.1f s, warm at batch sizes %s",
@@ -115,6 +120,10 @@ class Pipeline:
         contend, and benchmarks/run_cpu.sh's A/B could not tell overlapping from taking turns."""
         assert self.backend is not None
         return self.backend.overlaps_postprocessing and self.settings.overlap_postprocessing
+
+    def decodes_on_gpu(self) -> bool:
+        """Whether JPEGs are decoded and letterboxed on the GPU (service/decode_gpu.py)."""
+        return isinstance(self.decoder, GpuDecoder)
 
     def batch_taken(self, size: int, depth: int) -> None:
         """A batch left the queue: record its size and the depth left, or the gauge counts its requests as
@@ -215,7 +224,7 @@ class Pipeline:
         }
 
     def _decode(self, data: bytes) -> Decoded:
-        return decode_input(data, self.settings.max_image_pixels, self.cfg.input_size, self.cfg.pixel_mean)
+        return self.decoder(data, self.settings.max_image_pixels, self.cfg.input_size, self.cfg.pixel_mean)
 
     async def drain(self) -> None:
         if self.batcher is not None:

@@ -59,6 +59,9 @@ class ServeSettings(BaseSettings):
     overlap_postprocessing: bool = Field(
         True, description="post-process a batch while the next one's forward pass runs, where the backend allows it"
     )
+    gpu_preprocessing: bool = Field(
+        True, description="on CUDA (torch, tensorrt): decode JPEGs with nvjpeg and letterbox them on the GPU"
+    )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
     log_level: str = "info"
 

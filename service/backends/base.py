@@ -31,7 +31,17 @@ class Backend(abc.ABC):
     def stack(self, images: Sequence[Tensor]) -> Tensor:
         """The batch on the host, page-locked when the device is a GPU: its copy to the device is then an
         asynchronous DMA that leaves the host free for the launches that follow, not a staged synchronous
-        copy. (PyTorch's pinned-memory cache reuses the buffers and waits for a pending copy before reuse.)"""
+        copy. (PyTorch's pinned-memory cache reuses the buffers and waits for a pending copy before reuse.)
+
+        Where some inputs are already on the GPU (service/decode_gpu.py) the batch is stacked there, on the
+        current stream; each such input was made on the decoder's stream, so it is marked used on this one
+        before it is freed (else the decoder could reuse its memory while the stack still reads it)."""
+        if any(t.is_cuda for t in images):
+            stream = torch.cuda.current_stream(self.device)
+            for t in images:
+                if t.is_cuda:
+                    t.record_stream(stream)
+            return torch.stack([t.to(self.device, non_blocking=True) for t in images])
         out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=self.device.type == "cuda")
         return torch.stack(list(images), out=out)
 
