@@ -11,10 +11,11 @@ and Backend.stack marks the input used on the model's stream.
 
 from __future__ import annotations
 
+import io
 from contextlib import nullcontext
 
 import torch
-from PIL import JpegImagePlugin
+from PIL import Image, JpegImagePlugin
 from torch import Tensor
 
 from model.preprocess import letterbox
@@ -62,6 +63,11 @@ class GpuDecoder:
         if self.stream is not None:
             self.stream.synchronize()
         return Decoded(boxed, inner, orig)
+
+    def warmup(self, input_size: tuple[int, int], fill: tuple[float, float, float]) -> None:
+        buf = io.BytesIO()
+        Image.new("RGB", (2 * input_size[1], 2 * input_size[0])).save(buf, format="JPEG")
+        self(buf.getvalue(), 4 * input_size[0] * input_size[1], input_size, fill)
 
 
 def uses_gpu_decoder(device: torch.device, backend: str, enabled: bool) -> bool:

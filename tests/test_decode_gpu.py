@@ -103,3 +103,11 @@ def test_only_backends_fed_on_the_gpu_decode_there():
     assert uses_gpu_decoder(cuda, "torch", True) and uses_gpu_decoder(cuda, "tensorrt", True)
     assert not uses_gpu_decoder(cuda, "onnxruntime", True) and not uses_gpu_decoder(cuda, "torch", False)
     assert not uses_gpu_decoder(CPU, "torch", True)
+
+
+def test_the_warm_up_decodes_one_jpeg_through_the_gpu_steps(monkeypatch):
+    decoder = GpuDecoder(CPU)
+    calls = []
+    monkeypatch.setattr(decoder, "decode_jpeg", lambda *a, **k: calls.append(k["device"]) or torch.zeros(3, 4, 6))
+    decoder.warmup(SIZE, FILL)
+    assert calls == [CPU]
