@@ -4,11 +4,12 @@
   graph; in torch eager it otherwise costs a multiply and an add over every feature map.
 - In fp16/bf16, convolution and linear weights are cast once, instead of by autocast on every call.
 - On a CPU, activations are channels_last, the layout oneDNN's convolutions run fastest in: in fp32 too,
-  and in bf16 for the AMX and AVX512-BF16 kernels. On CUDA too in fp16/bf16, the layout tensor-core
-  convolutions read natively (unmeasured here: no GPU has been lent to this work).
+  and in bf16 for the AMX and AVX512-BF16 kernels.
+  bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
+  On CUDA they are channels_last in fp16/bf16, the layout tensor-core convolutions read natively
+  (unmeasured here: no GPU has been lent to this work).
 - On CUDA, fp32 means fp32: cuDNN's TF32 convolutions (on by default in PyTorch) are turned off, as TF32
   matmuls are by default, so the fp32 rows of a benchmark are the precision they name.
-  bf16 on a CPU needs one of those instruction sets; without them it is slower than fp32, so it is refused.
 - On a CPU, the mask embeddings are folded into the pixel decoder's last conv where that saves work
   (`MaskFormer.fold_mask_conv`; for the ADE20K R50 preset 13 % of the forward pass's FLOPs). Not on CUDA,
   where it has not been measured.
