@@ -227,6 +227,8 @@ class EngineRunner:
     def __call__(self, images):  # uint8 [B, 3, H, W] on any device -> (pred_logits, pred_masks) on the GPU
         import torch
 
+        # inputs already on the GPU (service/decode_gpu.py) were stacked on the caller's stream
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             x = images.to(self.device, non_blocking=True).contiguous()
             self.context.set_input_shape(INPUT, tuple(x.shape))

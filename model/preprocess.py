@@ -25,10 +25,10 @@ def letterbox(
         image = resize_in_float(image, (rh, rw))  # the antialiased uint8 kernel is the CPU's alone
     elif (rh, rw) != (h, w):
         image = F.interpolate(image[None], size=(rh, rw), mode="bilinear", align_corners=False, antialias=True)[0]
-    value = torch.tensor(fill, dtype=torch.float64)
-    if image.dtype == torch.uint8:
-        value = value.round().clamp(0, 255)
-    out = value.to(image.dtype).to(image.device).view(3, 1, 1).repeat(1, *size)
+    values = [min(max(round(v), 0), 255) if image.dtype == torch.uint8 else v for v in fill]
+    out = image.new_empty((3, *size))
+    for c, v in enumerate(values):  # filled in place: a host-to-device copy would stall a GPU's stream
+        out[c].fill_(v)
     out[:, :rh, :rw] = image
     return out, (rh, rw)
 

@@ -76,9 +76,9 @@ class Pipeline:
         if self.settings.warmup:
             self.warm_batch_sizes = backend.warmup(self.cfg.input_size)
         if uses_gpu_decoder(backend.device, backend.name, self.settings.gpu_preprocessing):
-            self.decoder = GpuDecoder(backend.device)
-            if self.settings.warmup:  # nvjpeg sets itself up on its first image, not on a request's
-                self.decoder.warmup(self.cfg.input_size, self.cfg.pixel_mean)
+            gpu = GpuDecoder(backend.device)
+            if not self.settings.warmup or gpu.warmup(self.cfg.input_size, self.cfg.pixel_mean):
+                self.decoder = gpu
         self.backend = backend
         log.info(
             "%s ready on %s (%s) in %.1f s, warm at batch sizes %s",

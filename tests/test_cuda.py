@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 from model.data.shapes import VAL_SEED, generate
 from model.postprocess import TASKS, postprocess
 from service.settings import ServeSettings
-from tests.images import encode
+from tests.images import awkward, encode
 from tests.live_server import live_server
 from tests.test_postprocess import default_model_outputs
 
@@ -116,14 +116,18 @@ def test_jpegs_decode_on_the_gpu_as_on_the_host():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision >= 0.29 deprecates its decoders for TorchCodec's
         gpu, cpu = GpuDecoder(torch.device("cuda")), GpuDecoder(torch.device("cpu"))
-        for size in [(480, 640), (1500, 2000), (90, 120)]:
-            data = encode(Image.fromarray(generate(VAL_SEED).image).resize(size[::-1]), "JPEG", quality=92)
+        shapes = Image.fromarray(generate(VAL_SEED).image)
+        sizes = [(480, 640), (1500, 2000), (90, 120)]
+        jpegs = [encode(shapes.resize(size[::-1]), "JPEG", quality=92) for size in sizes]
+        jpegs += [encode(shapes, "JPEG", progressive=True), encode(shapes.convert("L"), "JPEG")]
+        jpegs += [awkward()[name][0] for name in ("exif-rotated", "mpo")]
+        for data in jpegs:
             on_gpu, on_cpu = gpu(data, 40_000_000, (256, 256), fill), cpu(data, 40_000_000, (256, 256), fill)
             host = decode_input(data, 40_000_000, (256, 256), fill)
             assert on_gpu.input.is_cuda and (on_gpu.image_size, on_gpu.orig_size) == (host.image_size, host.orig_size)
             for other in (on_cpu.input, host.input):
                 diff = (on_gpu.input.cpu().int() - other.int()).abs().float()
-                assert diff.mean() < 1.0, (size, diff.mean())
+                assert diff.mean() < 1.0, diff.mean()
 
 
 def test_a_batch_mixing_gpu_and_host_inputs_is_stacked_on_the_gpu():

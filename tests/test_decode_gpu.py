@@ -105,9 +105,36 @@ def test_only_backends_fed_on_the_gpu_decode_there():
     assert not uses_gpu_decoder(CPU, "torch", True)
 
 
-def test_the_warm_up_decodes_one_jpeg_through_the_gpu_steps(monkeypatch):
+def test_the_warm_up_decodes_one_jpeg_on_the_device_and_says_whether_it_could(monkeypatch):
     decoder = GpuDecoder(CPU)
     calls = []
     monkeypatch.setattr(decoder, "decode_jpeg", lambda *a, **k: calls.append(k["device"]) or torch.zeros(3, 4, 6))
-    decoder.warmup(SIZE, FILL)
-    assert calls == [CPU]
+    assert decoder.warmup(SIZE, FILL) and calls == [CPU]
+
+    def no_nvjpeg(*args, **kwargs):
+        raise RuntimeError("torchvision not compiled with nvJPEG support")
+
+    monkeypatch.setattr(decoder, "decode_jpeg", no_nvjpeg)
+    assert not decoder.warmup(SIZE, FILL)  # the pipeline then keeps the host path
+
+
+def test_a_resize_the_device_cannot_do_falls_back_to_the_host(monkeypatch):
+    """e.g. CUDA's antialiased kernel refuses downscales of ~100x along an axis, or memory runs out."""
+    data = encode(Image.fromarray(np.asarray(generate(VAL_SEED).image)), "JPEG")
+
+    def too_much_shared_memory(*args, **kwargs):
+        raise RuntimeError("Too much shared memory required")
+
+    monkeypatch.setattr("service.decode_gpu.letterbox", too_much_shared_memory)
+    got, want = gpu_path(data), decode_input(data, 40_000_000, SIZE, FILL)
+    assert torch.equal(got.input, want.input) and (got.image_size, got.orig_size) == (want.image_size, want.orig_size)
+
+
+def test_a_jpeg_cut_short_is_the_host_paths_to_refuse(monkeypatch):
+    """nvjpeg may decode a truncated JPEG to grey; without its end-of-image marker it never reaches it."""
+    data = encode(rgb(64, 64), "JPEG")
+    decoder = GpuDecoder(CPU)
+    monkeypatch.setattr(decoder, "decode_jpeg", lambda *a, **k: pytest.fail("decoded on the device"))
+    with pytest.raises(errors.ApiError) as err:
+        decoder(data[: len(data) // 2], 40_000_000, SIZE, FILL)
+    assert err.value.status == 400
