@@ -88,7 +88,7 @@ class GpuDecoder:
         except (RuntimeError, ValueError) as err:
             log.warning("JPEGs cannot be decoded on %s (%s); they are decoded on the host", self.device, err)
             return False
-        return image.device == self.device
+        return image.device.type == self.device.type  # torch.device('cuda') != torch.device('cuda:0')
 
 
 def uses_gpu_decoder(device: torch.device, backend: str, enabled: bool) -> bool:
