@@ -1,6 +1,6 @@
 """service/decode_gpu.py, run here on the CPU (the same steps, torchvision's CPU JPEG decoder standing in for
-nvjpeg): the same sizes and nearly the same input as the host path for every image, and the host path's
-answer for whatever nvjpeg does not take. tests/test_cuda.py runs it on a GPU."""
+nvjpeg): the host path's sizes for every image, the input of the host's full decode for JPEGs, and the host
+path's answer for whatever the device does not take. tests/test_cuda.py runs it on a GPU."""
 
 from __future__ import annotations
 
