@@ -83,7 +83,11 @@ def decode_input(
     a 12-megapixel photo then costs a fraction of its full decode, copies and resize, for pixels that differ
     from the full path's by about 0.2 levels on average (benchmarks/preprocess_vs_transformers.py). Results
     still come back at the original's size."""
-    img = open_image(data, max_pixels)
+    return decode_opened(open_image(data, max_pixels), input_size, fill)
+
+
+def decode_opened(img: Image.Image, input_size: tuple[int, int], fill: tuple[float, float, float]) -> Decoded:
+    """decode_input() for an image open_image() has opened (its header read, its size checked)."""
     if not isinstance(img, JpegImagePlugin.JpegImageFile):
         return prepare(pixels(img), input_size, fill)
     w, h = img.size

@@ -25,7 +25,7 @@ from PIL import Image, JpegImagePlugin
 from torch import Tensor
 
 from model.preprocess import letterbox
-from service.decode import TRANSPOSED, Decoded, decode_input, exif_orientation, open_image
+from service.decode import TRANSPOSED, Decoded, decode_opened, exif_orientation, open_image
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GpuDecoder:
         # a JPEG cut short (no end-of-image marker) may decode to grey on the GPU; Pillow refuses it
         whole = data.rstrip(b"\x00").endswith(b"\xff\xd9")
         if not isinstance(img, JpegImagePlugin.JpegImageFile) or img.mode not in GPU_MODES or not whole:
-            return decode_input(data, max_pixels, input_size, fill)
+            return decode_opened(img, input_size, fill)
         orientation = exif_orientation(img)
         w, h = img.size
         orig = (w, h) if orientation in TRANSPOSED else (h, w)
@@ -73,7 +73,7 @@ class GpuDecoder:
                 log.debug("GPU decode failed (%s); decoding on the host", err)
                 boxed = None
         if boxed is None:
-            return decode_input(data, max_pixels, input_size, fill)
+            return decode_opened(img, input_size, fill)
         return Decoded(boxed, inner, orig)
 
     def warmup(self, input_size: tuple[int, int], fill: tuple[float, float, float]) -> bool:
