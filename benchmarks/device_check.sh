@@ -27,7 +27,8 @@ if ! "$py" -c "$imports" >"$out/imports.log" 2>&1; then
     echo "device_check.sh: a module the server or the bench needs does not import (imports.log); nothing ran"
     exit 3
 fi
-timeout 150 "$py" -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_backends.py 2>&1 |
+# -o addopts=: in one process (pyproject.toml asks for pytest-xdist, which the GPU image lacks)
+timeout 150 "$py" -m pytest -o addopts= -q -rs -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_backends.py 2>&1 |
     tee "$out/cuda-tests.log"
 tests=${PIPESTATUS[0]}
 timeout 360 bash benchmarks/run_gpu.sh "$out/gpu" "$py" 2>&1 | tee "$out/run_gpu.log"

@@ -4,10 +4,16 @@ import pytest
 import torch
 
 
+def _default_threads() -> int:
+    """2, or this worker's share of the cores when pytest-xdist runs the suite on several (addopts)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, len(os.sched_getaffinity(0)) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
-    torch.set_num_threads(int(os.environ.get("TEST_THREADS", "2")))
+    torch.set_num_threads(int(os.environ.get("TEST_THREADS", _default_threads())))
 
 
 def tiny_config(size: int = 128, dropout: float = 0.1, norm: str = "frozen_bn"):
