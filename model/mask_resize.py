@@ -6,13 +6,13 @@ this module does the first two steps; model/resize_blocks.py the last (whole, or
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from model.resize_blocks import resize
 
 
 def region_logits(masks: Tensor, input_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
     """[N, h, w] mask logits at stride 4 -> [N, *image_size] logits of the image's region at the input size."""
     if masks.shape[0] == 0:
         return masks.new_zeros((0, *image_size))
-    x = F.interpolate(masks[None], size=input_size, mode="bilinear", align_corners=False)[0]
-    return x[:, : image_size[0], : image_size[1]]
+    return resize(masks, input_size)[:, : image_size[0], : image_size[1]]

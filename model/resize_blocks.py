@@ -39,9 +39,15 @@ def rounding_margin(x: Tensor) -> Tensor:
 
 
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """[C, h, w] -> [C, *size], bilinearly as the official code resizes (x itself at its own size)."""
+    """[C, h, w] -> [C, *size], bilinearly as the official code resizes (x itself at its own size).
+
+    torch's CPU kernel resizes exactly 3 channels on 1 thread with its channels-last kernel, which rounds
+    differently from the one it takes for any other count (and that BlockGrid.resize_at reproduces): such
+    maps are resized in two calls, so results do not depend on the thread count."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if len(x) == 3 and x.device.type == "cpu" and torch.get_num_threads() == 1:
+        return torch.cat([resize(x[:2], size), resize(x[2:], size)])
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 

@@ -130,7 +130,7 @@ def semantic_map(
     padded = F.pad(masks[None], (1, 1, 1, 1), mode="replicate")[0]  # [Q, h+2, w+2]
     proven = _proven_cells(padded, weights[:, :-1], F.pad(sums[None, :-1], (1, 1, 1, 1), mode="replicate")[0])
     canvas = sums.new_zeros(len(sums), 4 * (h + 1), 4 * (w + 1))  # cell-aligned: canvas row r = output row r - 2
-    canvas[:, 2:-2, 2:-2] = F.interpolate(sums[None], size=input_size, mode="bilinear", align_corners=False)[0]
+    canvas[:, 2:-2, 2:-2] = resize(sums, input_size)
     ih, iw = image_size
     inside = torch.zeros_like(proven)
     inside[: (ih + 1) // 4 + 1, : (iw + 1) // 4 + 1] = True  # cells that reach into the image's region
