@@ -7,7 +7,8 @@ import torch
 def _default_threads() -> int:
     """2, or this worker's share of the cores when pytest-xdist runs the suite on several (addopts)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, min(2, len(os.sched_getaffinity(0)) // workers))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not macOS
+    return max(1, min(2, cores // workers))
 
 
 @pytest.fixture(autouse=True)
