@@ -136,8 +136,8 @@ class BlockGrid:
 
         Weighed as torch's CPU kernel weighs them: along the row, then across rows, each step a fused
         multiply-add onto the second term's product (addcmul is one on CPUs with FMA). On a CPU they equal
-        F.interpolate's where each axis grows (tests check), and elsewhere may differ in the last bit, which
-        can only matter where two values tie to rounding."""
+        resize()'s where each axis grows (tests check, on 1 and 2 threads), and elsewhere may differ in the
+        last bit, which can only matter where two values tie to rounding."""
         y, x = at // len(self.cols), at % len(self.cols)
         stride = padded.shape[-1]
         # index_select: several times faster than indexing with a tensor on a CPU
