@@ -200,6 +200,23 @@ def test_efficiency_skips_servers_that_cannot_be_matched():
     assert bench_report.efficiency(servers, None) == []
 
 
+def test_plot_labels_say_the_arguments_all_our_servers_share_once():
+    timeout = "--request-timeout-s 300"
+    names = [f"maskformer {timeout}", f"maskformer --backend torch --precision bf16 {timeout}", bench_report.BASELINE]
+    assert bench_report.plot_labels(names) == (
+        ["maskformer", "maskformer --backend torch --precision bf16", bench_report.BASELINE],
+        timeout,
+    )
+    both = ["maskformer --backend torch --max-batch-size 2", "maskformer --backend onnxruntime --max-batch-size 2"]
+    assert bench_report.plot_labels(both) == (
+        ["maskformer --backend torch", "maskformer --backend onnxruntime"],
+        "--max-batch-size 2",
+    )
+    # nothing shared, or a single server of ours: the names stay whole
+    for names in (["maskformer", "maskformer --backend torch"], [f"maskformer {timeout}", bench_report.BASELINE]):
+        assert bench_report.plot_labels(names) == (names, "")
+
+
 def test_forward_flops_are_counted_once_and_leave_the_model_as_it_was():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     model[2].requires_grad_(False)

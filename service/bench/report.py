@@ -229,7 +229,8 @@ def _percent(fraction: float | None) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    """Throughput and latency percentiles against concurrency, one line per server."""
+    """Throughput and latency percentiles against concurrency, one colour per server, in one legend below
+    both plots (inside either, it hid their lines)."""
     server = report.get("server")
     if not server:
         return False
@@ -238,18 +239,20 @@ def plot(report: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, s in enumerate(server["servers"]):
+    labels, shared = plot_labels([s["name"] for s in server["servers"]])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for i, (s, label) in enumerate(zip(server["servers"], labels)):
         rows = [r for r in s["rows"] if r["ok"]]  # a level where every request failed has no latencies
         if not rows:
             continue
         cs = [r["concurrency"] for r in rows]
         color = f"C{i}"
-        ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", color=color, label=s["name"])
+        ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", color=color, label=label)
         for q, style in (("p50", "-"), ("p99", "--")):
-            ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", color=color, label=f"{s['name']} {q}")
+            ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", color=color)
     ax1.set_ylim(bottom=0)
     for ax, ylabel in ((ax1, "images / s"), (ax2, "latency (ms)")):
         ax.set_xscale("log", base=2)
@@ -257,14 +260,33 @@ def plot(report: dict, path: Path) -> bool:
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
     if ax2.lines:
         ax2.set_yscale("log")
-    fig.suptitle(f"POST /segment?task={server['task']}, {server['image_size']}px")
-    fig.tight_layout()
+        styles = [Line2D([], [], color="0.3", linestyle=style, label=q) for q, style in (("p50", "-"), ("p99", "--"))]
+        ax2.legend(handles=styles, fontsize=8, loc="upper left")
+    handles, names = ax1.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 2) or 1, fontsize=8, frameon=False)
+    title = f"POST /segment?task={server['task']}, {server['image_size']}px"
+    fig.suptitle(title + (f"; every maskformer server with {shared}" if shared else ""))
+    rows_of_legend = -(-len(names) // 2)
+    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_labels(names: list[str]) -> tuple[list[str], str]:
+    """The servers' names less the trailing arguments every one of our servers has (said once in the title,
+    where two or more of ours share some), and those arguments."""
+    ours = [n for n in names if n.startswith("maskformer")]
+    args = [n.split(" --")[1:] for n in ours]  # each argument with its values
+    k = 0
+    while len(ours) >= 2 and all(len(a) > k for a in args) and len({tuple(a[len(a) - k - 1 :]) for a in args}) == 1:
+        k += 1
+    if k == 0:
+        return names, ""
+    shared = "--" + " --".join(args[0][-k:])
+    return [n[: -len(shared) - 1] if n in ours else n for n in names], shared
 
 
 def server_levels(server: dict) -> list[int]:
