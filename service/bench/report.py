@@ -262,7 +262,10 @@ def plot(report: dict, path: Path) -> bool:
         ax.grid(True, alpha=0.3)
     if ax2.lines:
         ax2.set_yscale("log")
-        styles = [Line2D([], [], color="0.3", linestyle=style, label=q) for q, style in (("p50", "-"), ("p99", "--"))]
+        styles = [
+            Line2D([], [], color="0.3", linestyle="-", label="p50"),
+            Line2D([], [], color="0.3", linestyle="--", label="p99"),
+        ]
         ax2.legend(handles=styles, fontsize=8, loc="upper left")
     handles, names = ax1.get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 2) or 1, fontsize=8, frameon=False)
