@@ -6,6 +6,7 @@ import json
 import platform
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -228,6 +229,10 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.1f} %"
 
 
+# the latency percentiles plotted, and their line styles (literals: matplotlib types them)
+LATENCY_STYLES: tuple[tuple[str, Literal["-", "--"]], ...] = (("p50", "-"), ("p99", "--"))
+
+
 def plot(report: dict, path: Path) -> bool:
     """Throughput and latency percentiles against concurrency, one colour per server, in one legend below
     both plots (inside either, it hid their lines)."""
@@ -251,7 +256,7 @@ def plot(report: dict, path: Path) -> bool:
         cs = [r["concurrency"] for r in rows]
         color = f"C{i}"
         ax1.plot(cs, [r["img_per_s"] for r in rows], marker="o", color=color, label=label)
-        for q, style in (("p50", "-"), ("p99", "--")):
+        for q, style in LATENCY_STYLES:
             ax2.plot(cs, [r[f"{q}_ms"] for r in rows], style, marker="o", color=color)
     ax1.set_ylim(bottom=0)
     for ax, ylabel in ((ax1, "images / s"), (ax2, "latency (ms)")):
@@ -262,11 +267,8 @@ def plot(report: dict, path: Path) -> bool:
         ax.grid(True, alpha=0.3)
     if ax2.lines:
         ax2.set_yscale("log")
-        styles = [
-            Line2D([], [], color="0.3", linestyle="-", label="p50"),
-            Line2D([], [], color="0.3", linestyle="--", label="p99"),
-        ]
-        ax2.legend(handles=styles, fontsize=8, loc="upper left")
+        key = [Line2D([], [], color="0.3", linestyle=style, label=q) for q, style in LATENCY_STYLES]
+        ax2.legend(handles=key, fontsize=8, loc="upper left")
     handles, names = ax1.get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 2) or 1, fontsize=8, frameon=False)
     title = f"POST /segment?task={server['task']}, {server['image_size']}px"
