@@ -131,8 +131,8 @@ def test_abandoned_requests_leave_nothing_queued(server, caplog):
     try:
         for _ in range(3):  # rounds, so anything kept per request would add up
             got = statuses(asyncio.run(post_many(url, 24, timeout=0.2)))
-            # clients give up waiting; on a loaded machine some give up while still connecting
-            assert "ReadTimeout" in got and set(got) <= {"ReadTimeout", "ConnectTimeout"}, got
+            # clients give up waiting; on a loaded machine some give up while still connecting or sending
+            assert "ReadTimeout" in got and set(got) <= {"ReadTimeout", "ConnectTimeout", "WriteTimeout"}, got
             time.sleep(1.0)  # the batch that was running finishes; the rest were never run
     finally:
         restore()
