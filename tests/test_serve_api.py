@@ -325,6 +325,8 @@ def test_a_disconnected_client_is_dropped_from_the_queue(server):
         assert asyncio.run(run()).status_code == 200
         time.sleep(1.2)  # time for the batcher to run anything still queued
     assert seen == [1]  # the abandoned request never reached the backend
+    counted = httpx.get(f"{url}/metrics").text  # counted as 499, the code for a client that left first
+    assert re.search(r'maskformer_requests_total\{endpoint="/segment",status="499"\} [1-9]', counted), counted
 
 
 def test_probes_model_info_docs_and_metrics(server):
