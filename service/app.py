@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import errors
@@ -104,18 +105,27 @@ async def read_body(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise errors.body_too_large(limit)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise errors.body_too_large(limit)
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise errors.body_too_large(limit)
+    except ClientDisconnect:  # gone mid-upload: the same 499 as a client that leaves while queued
+        raise errors.client_closed() from None
     return bytes(body)
+
+
+def too_many_images(count: str, many: bool, limit: int) -> ApiError:
+    if not many:
+        return errors.invalid_parameter("POST /segment takes one image; use /segment/batch for several")
+    return errors.invalid_parameter(f"{count} images exceed the limit of {limit}")
 
 
 async def read_images(request: Request, settings: ServeSettings, many: bool) -> list[bytes]:
     """The image(s) of a request: multipart field(s) `image`, or the raw body with an image/* type."""
     body = await read_body(request, settings.max_body_bytes)
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    if content_type.split(";")[0].strip().lower() == "multipart/form-data":  # media types ignore case
         replayed = False
 
         async def replay() -> Message:  # hand the already-read body to Starlette's form parser
@@ -125,10 +135,14 @@ async def read_images(request: Request, settings: ServeSettings, many: bool) -> 
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
+        limit = settings.max_batch_images
         try:
-            form = await Request(request.scope, replay).form(max_files=settings.max_batch_images + 1)
-        except Exception as err:
-            raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed: {err}") from None
+            form = await Request(request.scope, replay).form(max_files=limit + 1)  # one over: the 422 below
+        except Exception as err:  # Starlette re-raises its parser's MultiPartException as HTTPException(400)
+            detail = str(getattr(err, "detail", err))
+            if detail.startswith("Too many files"):  # the parser stops counting past max_files
+                raise too_many_images(f"more than {limit + 1}", many, limit) from None
+            raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed: {detail}") from None
         fields = form.getlist("image")
         images = [await f.read() if hasattr(f, "read") else str(f).encode() for f in fields]
         await form.close()
@@ -139,10 +153,8 @@ async def read_images(request: Request, settings: ServeSettings, many: bool) -> 
     else:
         check_media_type(content_type)
         images = [body]
-    if not many and len(images) > 1:
-        raise errors.invalid_parameter("POST /segment takes one image; use /segment/batch for several")
-    if len(images) > settings.max_batch_images:
-        raise errors.invalid_parameter(f"{len(images)} images exceed the limit of {settings.max_batch_images}")
+    if len(images) > (settings.max_batch_images if many else 1):
+        raise too_many_images(str(len(images)), many, settings.max_batch_images)
     return images
 
 
@@ -221,18 +233,25 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         if not state["ready"]:  # while draining, requests that still arrive are served (drain_grace_s)
             raise errors.not_ready("the model is still loading")
         images = await read_images(request, settings, many)
-        work: asyncio.Future[Any] = asyncio.gather(*(pipeline.segment(data, opts, deadline) for data in images))
+        # all decoded first: one bad image refuses the request before any of its images takes a forward pass
+        decoded = await asyncio.gather(*(pipeline.decode(data) for data in images))
+        tasks = [asyncio.create_task(pipeline.segment_decoded(d, opts, deadline)) for d in decoded]
+        work: asyncio.Future[Any] = asyncio.gather(*tasks)  # fails with the first image that fails
         gone: asyncio.Future[Any] = asyncio.create_task(until_disconnected(request))
         try:
             await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise errors.client_closed()
+            return work.result()
         finally:
+            # An answered error, a client that left or this handler's own cancellation: the request's other
+            # images leave the queue rather than take forward passes no one will read.
             gone.cancel()
-        if not work.done():  # the client disconnected: drop its queued images
-            work.cancel()
-            # The gather ends with CancelledError; read it, or asyncio logs an ERROR per disconnect.
-            work.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise ApiError(499, "client_closed", "the client closed the connection")
-        return work.result()
+            for task in tasks:
+                task.cancel()
+            # Read what ends them (CancelledError included), or asyncio logs an ERROR for each.
+            for future in (work, *tasks):
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     @app.post(
         "/segment",

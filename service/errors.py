@@ -62,6 +62,11 @@ def timeout(seconds: float) -> ApiError:
     return ApiError(504, "timeout", f"the request was not answered within {seconds:g} s")
 
 
+def client_closed() -> ApiError:
+    """Nginx's 499: counted in the metrics; the client that left never reads it."""
+    return ApiError(499, "client_closed", "the client closed the connection")
+
+
 def inference_failed(error_id: str) -> ApiError:
     return ApiError(500, "inference_failed", f"inference failed; the server log has error id {error_id}")
 

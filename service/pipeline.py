@@ -188,11 +188,23 @@ class Pipeline:
 
     async def segment(self, data: bytes, options: Options, deadline: float) -> dict[str, Any]:
         """The whole path for one image; raises ApiError on bad input, overload, timeout or failure."""
+        return await self.segment_decoded(await self.decode(data), options, deadline)
+
+    async def decode(self, data: bytes) -> tuple[Decoded, float]:
+        """The first stage alone, so a request of several images can refuse bad input before any queues:
+        the letterboxed image and the seconds its decoding took."""
         if self.batcher is None or self.backend is None:
             raise errors.not_ready("the model is still loading")
         t0 = time.perf_counter()
         image = await asyncio.to_thread(self._decode, data)
-        t_decode = time.perf_counter() - t0
+        return image, time.perf_counter() - t0
+
+    async def segment_decoded(
+        self, decoded: tuple[Decoded, float], options: Options, deadline: float
+    ) -> dict[str, Any]:
+        """The rest of the path, from the batcher on, for what decode() gave."""
+        assert self.batcher is not None
+        image, t_decode = decoded
         try:
             job = self.batcher.submit(Work(image, options))
         except QueueFull:

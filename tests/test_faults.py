@@ -1,5 +1,6 @@
-"""Faults the service must survive: a backend that fails one batch or hangs, clients that vanish, SIGTERM
-under load, and a cached ONNX file that is corrupt or belongs to another model.
+"""Faults the service must survive: a backend that fails one batch or hangs, clients that vanish (queued or
+mid-upload), batch requests refused part-way, SIGTERM under load, and a cached ONNX file that is corrupt or
+belongs to another model.
 
 tests/test_serve_api.py covers the single-request versions (504, 500 then 200, one abandoned request);
 these put several requests in flight at once.
@@ -11,6 +12,7 @@ import asyncio
 import gc
 import shutil
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +144,84 @@ def test_abandoned_requests_leave_nothing_queued(server, caplog):
     assert len(batcher.queue) == 0 and batcher.running == 0
     gc.collect()  # asyncio reports an unread exception when its future is collected
     assert not [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def post_batch(url: str, images: list[bytes]) -> httpx.Response:
+    return httpx.post(f"{url}/segment/batch", files=[("image", (f"{i}.png", x)) for i, x in enumerate(images)])
+
+
+def test_a_batch_request_with_a_bad_image_queues_none_of_its_images(server):
+    url, app = server
+    ran: list[int] = []
+    restore = swap_infer(app, lambda infer, images: ran.append(len(images)) or infer(images))
+    try:
+        r = post_batch(url, [PNG, PNG, b"not an image", PNG])
+        time.sleep(0.5)  # past the batcher's 50 ms delay: anything queued would have run by now
+    finally:
+        restore()
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image"
+    assert ran == [] and metric(url, "maskformer_queue_depth") == 0
+
+
+def test_a_batch_request_refused_part_way_takes_its_queued_images_back(server):
+    url, app = server
+    batcher, ran = app.state.pipeline.batcher, []
+
+    def slow(infer, images):
+        ran.append(len(images))
+        time.sleep(0.5)
+        return infer(images)
+
+    restore, old = swap_infer(app, slow), batcher.max_queue_size
+    batcher.max_queue_size = 2
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post_batch, url, [PNG])
+            deadline = time.monotonic() + 30
+            while not ran and time.monotonic() < deadline:  # its forward pass holds the backend
+                time.sleep(0.01)
+            r = post_batch(url, [PNG] * 8)  # two images queue behind it, the third is refused
+            assert first.result().status_code == 200
+        time.sleep(1.0)  # the queued two would have run by now
+    finally:
+        batcher.max_queue_size = old
+        restore()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+    assert ran == [1] and batcher.depth() == 0  # only the first request's forward pass ran
+    assert post_batch(url, [PNG] * 2).status_code == 200
+
+
+def test_more_images_than_the_limit_get_422_however_many(server):
+    url, app = server
+    limit = app.state.pipeline.settings.max_batch_images
+    for n in (limit + 1, limit + 2):  # limit + 2 is past the form parser's own file limit
+        r = post_batch(url, [PNG] * n)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter", (n, r.text)
+        assert f"exceed the limit of {limit}" in r.json()["error"]["message"]
+
+
+def test_a_client_gone_mid_upload_counts_as_499_not_500(server, caplog):
+    url, _ = server
+    sample = 'maskformer_requests_total{{endpoint="/segment",status="{}"}}'
+    before = {code: _sample_or_zero(url, sample.format(code)) for code in (499, 500)}
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head + PNG[:1000])  # a tenth of what it announced
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while _sample_or_zero(url, sample.format(499)) == before[499] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sample_or_zero(url, sample.format(499)) == before[499] + 1
+    assert _sample_or_zero(url, sample.format(500)) == before[500]
+    assert not [r for r in caplog.records if r.levelno >= 40 and "ClientDisconnect" in str(r.exc_info)]
+
+
+def _sample_or_zero(url: str, sample: str) -> float:
+    try:
+        return metric(url, sample)
+    except KeyError:  # a labelled counter is absent until its first increment
+        return 0.0
 
 
 def test_sigterm_under_load_answers_every_accepted_request(weights, tmp_path):

@@ -109,7 +109,12 @@ def test_served_masks_equal_in_process_postprocessing(server, weights, task):
 
 def test_raw_body_and_batch_endpoint(server):
     url, _ = server
-    r = httpx.post(f"{url}/segment?task=semantic", content=png(), headers={"Content-Type": "image/png"})
+    for media in ("image/png", "IMAGE/PNG"):  # media types ignore case, multipart's too
+        r = httpx.post(f"{url}/segment?task=semantic", content=png(), headers={"Content-Type": media})
+        assert r.status_code == 200 and r.json()["width"] == 160
+    form = httpx.Request("POST", url, files={"image": ("x.png", png())})
+    shouted = form.headers["content-type"].replace("multipart/form-data", "Multipart/Form-Data")
+    r = httpx.post(f"{url}/segment", content=form.read(), headers={"Content-Type": shouted})
     assert r.status_code == 200 and r.json()["width"] == 160
     sizes = [(50, 70), (90, 30), (64, 64)]
     files = [("image", (f"{i}.png", encode(rgb(h, w, seed=i), "PNG"))) for i, (h, w) in enumerate(sizes)]
@@ -179,6 +184,8 @@ BAD = {
         "invalid_parameter",
     ),
     "two-images": (dict(files=[("image", ("a.png", png())), ("image", ("b.png", png()))]), 422, "invalid_parameter"),
+    # past the form parser's file limit (max_batch_images + 1): the same 422, not a parser's 400
+    "34-images": (dict(files=[("image", (f"{i}.png", png())) for i in range(34)]), 422, "invalid_parameter"),
 }
 
 
