@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from model.boxes import boxes_from_map, boxes_from_masks
 from model.mask_resize import region_logits
 from model.postprocess import postprocess
-from model.semantic_map import semantic_map, semantic_map_reference
+from model.semantic_map import CANDIDATE_RANK, _top_classes, semantic_map, semantic_map_reference
 
 NO_OBJECT = 20.0
 
@@ -321,6 +321,28 @@ def test_semantic_map_is_the_official_order_on_the_default_model(image, orig):
         labels, scores = result.label_map(), result.scores
         assert labels.shape == orig and scores.shape == orig and bool(((scores > 0) & (scores <= 1)).all())
         assert torch.equal(labels, ref)
+
+
+def test_semantic_map_is_exact_wherever_the_official_winner_is_a_candidate():
+    """Step 1 of model/semantic_map.py (candidates: each stride-4 pixel's top CANDIDATE_RANK classes) is a
+    heuristic: where mask logits jump between stride-4 points, another class can win. On such random logits
+    (jumps of up to 40, far sharper than a trained model's) every other pixel must be the official winner,
+    and most pixels must be kept (30 of these inputs had misses; 99.92 % kept on average, 97.7 % at worst)."""
+    torch.manual_seed(7)
+    kept = []
+    for _ in range(150):
+        k, q, h = (int(torch.randint(lo, hi, ())) for lo, hi in ((4, 60), (4, 60), (4, 16)))
+        spread, jump = float(torch.rand(()) * 3), float(torch.rand(()) * 40)
+        logits, masks = torch.randn(q, k + 1) * spread, torch.randn(q, h, h) * jump
+        size = (4 * h, 4 * h)
+        ref = semantic_map_reference(logits.double(), masks.double(), size, size, size)  # no float32 ties
+        labels = semantic_map(logits, masks, size, size, size).label_map()
+        probs = logits.softmax(-1)[:, :-1]
+        candidates = _top_classes(probs.t() @ masks.sigmoid().flatten(1), CANDIDATE_RANK)
+        missed = labels != ref
+        assert not torch.isin(ref[missed], candidates).any()
+        kept.append(1 - missed.double().mean().item())
+    assert sum(kept) / len(kept) >= 0.998, sum(kept) / len(kept)
 
 
 def official_sums(logits, masks, image, orig):
