@@ -137,6 +137,15 @@ class ConfusionMatrix:
 
 
 @torch.no_grad()
+def semantic_ground_truth(ids: np.ndarray, segments: Sequence[dict]) -> np.ndarray:
+    """A panoptic id map -> the semantic one mIoU is scored on: each segment's category, crowd ones too (as
+    the official panoptic-to-semantic conversion labels them), and 255 (ignored) where no segment is."""
+    out = np.full(ids.shape, 255, np.int64)
+    for s in segments:
+        out[ids == s["id"]] = s["category"]
+    return out
+
+
 def evaluate_panoptic_dataset(
     model, dataset, limit: int | None = None, batch_size: int = 8, precision: str = "fp32"
 ) -> dict:
@@ -174,11 +183,7 @@ def evaluate_panoptic_dataset(
             ]
             pred_segments = [{"id": s.id, "category": s.label_id} for s in pan.segments]
             pq.add_image(ids, gt_segments, pan.segment_map.cpu().numpy(), pred_segments)
-            gt_sem = np.full(ids.shape, 255, np.int64)
-            for s in gt_segments:
-                if not s["iscrowd"]:
-                    gt_sem[ids == s["id"]] = s["category"]
-            confusion.add(gt_sem, sem.label_map().cpu().numpy())
+            confusion.add(semantic_ground_truth(ids, gt_segments), sem.label_map().cpu().numpy())
     model.train(was_training)
     summary = {**pq.summary(isthing), **confusion.summary(), "images": count}
     return {"summary": summary, "per_class_iou": confusion.per_class_iou()}

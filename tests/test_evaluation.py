@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from model.evaluation import ConfusionMatrix, PQStat
+from model.evaluation import ConfusionMatrix, PQStat, semantic_ground_truth
 
 ISTHING = [False, True]  # category 0 stuff, category 1 thing
 
@@ -60,6 +60,14 @@ def test_miou_hand_worked_example():
     assert math.isclose(s["mIoU"], 100 * (1 / 3 + 2 / 4) / 2)
     assert math.isclose(s["pixel_accuracy"], 60.0)
     assert cm.per_class_iou() == [pytest.approx(100 / 3), pytest.approx(50.0)]
+
+
+def test_semantic_ground_truth_labels_crowd_segments_and_ignores_void():
+    """mIoU scores crowd regions under their category, as the official panoptic-to-semantic conversion
+    does (PQ alone treats crowd specially); pixels in no segment are VOID, 255."""
+    ids = np.array([[1, 1, 0], [2, 2, 7]])
+    got = semantic_ground_truth(ids, [seg(1, 0), seg(2, 1, crowd=1), seg(7, 1)])
+    assert got.tolist() == [[0, 0, 255], [1, 1, 1]]
 
 
 def test_pq_agrees_with_torchmetrics_without_crowd():
