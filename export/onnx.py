@@ -76,8 +76,10 @@ def export_onnx(
 
     out = Path(out)
     size = size or model.cfg.input_size
-    if any(s % 32 for s in size):
-        raise ValueError(f"height and width {size} must be multiples of 32")
+    if any(s <= 0 or s % 32 for s in size):
+        raise ValueError(f"height and width {size} must be positive multiples of 32")
+    if max_batch < 1:
+        raise ValueError(f"max batch {max_batch} must be at least 1")
     if opset < 17:
         raise ValueError(f"opset {opset} splits LayerNorm into several nodes; use 17 or later")
     model = model.eval().cpu()
@@ -88,8 +90,9 @@ def export_onnx(
             raise ValueError("this model's decoder attends the pixel embedding: its mask head cannot be folded")
         model = copy.deepcopy(model)  # the caller's model keeps its own forward
         model.fold_mask_conv = True
-    example = torch.zeros(2, 3, *size, dtype=torch.uint8)
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = torch.zeros(2, 3, *size, dtype=torch.uint8)  # 2: torch.export specialises an axis of size 1
+    # The ONNX batch axis is symbolic whatever its bound; a bound below the example's cannot be traced.
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2))
     program = torch.onnx.export(
         ExportWrapper(half_model(model) if fp16 else model).eval(),
         (example,),
@@ -152,7 +155,8 @@ def parity_report(
         str(n): compare(model, session, torch.randint(0, 256, (n, 3, *size), dtype=torch.uint8, generator=g))
         for n in batches
     }
-    worst = max(v for r in results.values() for k, v in r.items() if k.startswith("max_abs_diff"))
+    # np.max, not max(): a NaN anywhere must fail the check, not be skipped by a comparison
+    worst = float(np.max([v for r in results.values() for k, v in r.items() if k.startswith("max_abs_diff")]))
     report = ParityReport(
         onnx_sha256=hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
         input_shape=shape,

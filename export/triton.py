@@ -8,7 +8,9 @@ with our own service. Shapes come from the ONNX graph, whose batch axis is the d
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 10: "TYPE_FP16"}  # onnx.TensorProto element types
@@ -45,8 +47,12 @@ def config_pbtxt(
     gpu: bool = True,
 ) -> str:
     import onnx
+    from google.protobuf.message import DecodeError
 
-    graph = onnx.load(str(onnx_path), load_external_data=False)
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+    except DecodeError as err:
+        raise ValueError(f"{onnx_path} is not an ONNX model ({err})") from None
     meta = {p.key: p.value for p in graph.metadata_props}
     preferred = sorted({b for b in (max_batch_size // 2, max_batch_size) if b >= 1})
     text = (
@@ -92,18 +98,35 @@ def write_repository(
     instances: int = 1,
     gpu: bool = True,
 ) -> Path:
-    """Write REPO/NAME/{config.pbtxt, 1/model.onnx|model.plan}; returns the config path."""
+    """Write REPO/NAME/{config.pbtxt, 1/model.onnx|model.plan}; returns the config path.
+
+    Everything is checked before anything is written, and each file is replaced whole, so a bad argument
+    leaves an existing repository as it was."""
+    for value, what in ((max_batch_size, "max batch"), (instances, "instances")):
+        if value < 1:
+            raise ValueError(f"{what} {value} must be at least 1")
+    if max_queue_delay_us < 0:
+        raise ValueError(f"max queue delay {max_queue_delay_us} us must be at least 0")
     if engine is not None:
         if not gpu:
             raise ValueError("a TensorRT engine runs on the GPU only")
         _check_engine(Path(engine), Path(onnx_path), max_batch_size)
     platform = "tensorrt_plan" if engine else "onnxruntime_onnx"
+    text = config_pbtxt(onnx_path, name, platform, max_batch_size, max_queue_delay_us, instances, gpu)
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    if engine:
-        shutil.copyfile(engine, model_dir / "1" / "model.plan")
-    else:
-        shutil.copyfile(onnx_path, model_dir / "1" / "model.onnx")
+    kept, stale = ("model.plan", "model.onnx") if engine else ("model.onnx", "model.plan")
+    _replace(model_dir / "1" / kept, lambda tmp: shutil.copyfile(engine or onnx_path, tmp))
     config = model_dir / "config.pbtxt"
-    config.write_text(config_pbtxt(onnx_path, name, platform, max_batch_size, max_queue_delay_us, instances, gpu))
+    _replace(config, lambda tmp: tmp.write_text(text))
+    (model_dir / "1" / stale).unlink(missing_ok=True)  # the other platform's file: the config no longer names it
     return config
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -93,28 +94,43 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from export.onnx import export_onnx, parity_report, write_report
     from model import load_model
 
+    out: Path = args.out
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the path of the .onnx file to write")
+    out.parent.mkdir(parents=True, exist_ok=True)  # before the export, so a bad folder fails at once
     model = load_model(args.weights)
-    size = (args.height or model.cfg.input_size[0], args.width or model.cfg.input_size[1])
-    out = export_onnx(
-        model,
-        args.out,
-        size,
-        args.max_batch,
-        args.opset,
-        simplify=not args.no_simplify,
-        fp16=args.fp16,
-        fold_mask_conv=args.fold_mask_conv,
-    )
-    report = parity_report(model, out, batches=tuple(sorted({1, args.max_batch})))
-    sidecar = write_report(report, out)
+    height, width = model.cfg.input_size
+    size = (height if args.height is None else args.height, width if args.width is None else args.width)
+    # Written beside OUT and moved over it only once parity passes: OUT and OUT.json never disagree, and a
+    # failing or interrupted re-export leaves the previous model in place.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        export_onnx(
+            model,
+            tmp,
+            size,
+            args.max_batch,
+            args.opset,
+            simplify=not args.no_simplify,
+            fp16=args.fp16,
+            fold_mask_conv=args.fold_mask_conv,
+        )
+        report = parity_report(model, tmp, batches=tuple(sorted({1, args.max_batch})))
+        target = out if report.passed else out.with_name(f"{out.stem}.failed{out.suffix}")
+        Path(f"{target}.json").unlink(missing_ok=True)  # no moment where an old report sits beside a new model
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    sidecar = write_report(report, target)
     for batch, r in report.batches.items():
         print(
             f"batch {batch:>3}: max |diff| logits {r['max_abs_diff_pred_logits']:.2e}, "
             f"masks {r['max_abs_diff_pred_masks']:.2e}; semantic agreement {100 * r['semantic_agreement']:.3f} %"
         )
-    print(f"wrote {out} and {sidecar}")
+    print(f"wrote {target} and {sidecar}")
     if not report.passed:
-        print(f"FAILED: the {report.precision} graph misses {report.pass_rule}", file=sys.stderr)
+        kept = f"; {out} is unchanged" if out.exists() else ""
+        print(f"FAILED: the {report.precision} graph misses {report.pass_rule}{kept}", file=sys.stderr)
         return 1
     return 0
 
@@ -334,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        # Our loaders and converters raise these with a message meant for the user.
+    except (OSError, ValueError, KeyError) as err:
+        # Our loaders and converters raise these with a message meant for the user; OSError's name the path.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

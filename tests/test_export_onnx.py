@@ -1,6 +1,7 @@
 """ONNX export: dynamic batch, uint8 input, metadata, and parity with PyTorch through ONNX Runtime."""
 
 import dataclasses
+import hashlib
 import json
 
 import onnx
@@ -50,11 +51,38 @@ def test_random_init_r50_preset(tmp_path):
     assert [d.dim_value for d in dims[2:]] == [256, 256]
 
 
-def test_bad_sizes_are_refused(tmp_path, capsys):
+def test_bad_sizes_and_outputs_are_refused(tmp_path, capsys):
     model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
     weights = save_model(model, tmp_path / "m.safetensors")
-    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "x.onnx"), "--height", "100"]) == 2
-    assert "multiples of 32" in capsys.readouterr().err
+    base = ["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "x.onnx")]
+    for height in ("100", "0"):  # 0 was taken for "unset" and the model's own height exported
+        assert cli([*base, "--height", height]) == 2
+        assert "positive multiples of 32" in capsys.readouterr().err
+    assert cli([*base, "--max-batch", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    for out, says in ((tmp_path / "folder", "is a directory"), (tmp_path / "file" / "m.onnx", "File exists")):
+        assert cli(["export", "onnx", "--weights", str(weights), "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err  # a message, no traceback, and before any export work
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_max_batch_1_and_a_nan_fails_parity(tmp_path, monkeypatch):
+    import math
+
+    import export.onnx
+
+    model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
+    weights = save_model(model, tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(out), "--max-batch", "1"]) == 0
+    assert set(json.loads((tmp_path / "m.onnx.json").read_text())["batches"]) == {"1"}
+    diffs = iter([1e-6, float("nan")])  # a NaN after a finite diff: max() would have kept 1e-6
+    fake = {"max_abs_diff_pred_logits": 0.0, "max_abs_diff_pred_masks": 0.0, "semantic_agreement": 1.0}
+    monkeypatch.setattr(export.onnx, "compare", lambda *a: {**fake, "max_abs_diff_pred_masks": next(diffs)})
+    report = export.onnx.parity_report(model, out, batches=(1, 2))
+    assert math.isnan(report.max_abs_diff) and not report.passed
 
 
 def test_without_simplification(tmp_path):
@@ -87,13 +115,20 @@ def test_a_graph_that_drifts_from_pytorch_fails_loudly(tmp_path, capsys, monkeyp
         onnx.save(graph, str(out))
         return out
 
-    monkeypatch.setattr(export.onnx, "export_onnx", drifting_export)
     model = build_model(tiny_config(128), ModelInfo("tiny", NAMES, [False, False, True, True, True]))
     weights = save_model(model, tmp_path / "m.safetensors")
-    assert cli(["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
-    assert "FAILED: the fp32 graph misses max_abs_diff <= 0.001" in capsys.readouterr().err
-    report = json.loads((tmp_path / "m.onnx.json").read_text())
+    args = ["export", "onnx", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]
+    assert cli(args) == 0  # a good model first: a failing re-export must leave it and its report alone
+    good = {name: (tmp_path / name).read_bytes() for name in ("m.onnx", "m.onnx.json")}
+    monkeypatch.setattr(export.onnx, "export_onnx", drifting_export)
+    assert cli(args) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: the fp32 graph misses max_abs_diff <= 0.001" in err and "m.onnx is unchanged" in err
+    assert {name: (tmp_path / name).read_bytes() for name in good} == good
+    report = json.loads((tmp_path / "m.failed.onnx.json").read_text())  # the failed graph, kept for a look
     assert report["passed"] is False and report["max_abs_diff"] > 1e-3
+    assert report["onnx_sha256"] == hashlib.sha256((tmp_path / "m.failed.onnx").read_bytes()).hexdigest()
+    assert not list(tmp_path.glob(".*partial"))
 
 
 def test_the_folded_mask_head_for_the_cpu(tmp_path, capsys, monkeypatch):

@@ -79,3 +79,32 @@ def test_an_engine_must_match_its_onnx_and_batch(onnx_file, tmp_path, capsys):
     EngineSidecar("10.13.0", "NVIDIA H100", "9.0", "0" * 64, *fields[4:], "fp16").write(engine)
     assert cli([*base, "--max-batch", "4"]) == 2
     assert "built from another ONNX file" in capsys.readouterr().err
+
+
+def test_bad_arguments_leave_an_existing_repository_as_it_was(onnx_file, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert cli(["export", "triton", "--onnx", str(onnx_file), "--out", str(repo)]) == 0
+    files = sorted(p for p in repo.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    (tmp_path / "a.pth").write_bytes(b"PK\x03")
+    bad = [
+        (["--onnx", str(tmp_path / "a.pth")], "is not an ONNX model"),
+        (["--onnx", str(tmp_path)], "Is a directory"),
+        (["--onnx", str(onnx_file), "--max-batch", "0"], "max batch 0 must be at least 1"),
+        (["--onnx", str(onnx_file), "--instances", "0"], "instances 0 must be at least 1"),
+    ]
+    for args, says in bad:
+        assert cli(["export", "triton", *args, "--out", str(repo)]) == 2, args
+        assert says in capsys.readouterr().err
+    assert sorted(p for p in repo.rglob("*") if p.is_file()) == files
+    assert {p: p.read_bytes() for p in files} == before
+    assert cli(["export", "triton", "--onnx", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()  # nothing made for a missing model
+
+
+def test_switching_to_the_onnx_removes_a_stale_plan(onnx_file, tmp_path):
+    model_dir = tmp_path / "repo" / "maskformer"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.plan").write_bytes(b"an engine from an earlier export")
+    assert cli(["export", "triton", "--onnx", str(onnx_file), "--out", str(tmp_path / "repo")]) == 0
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["model.onnx"]
