@@ -136,7 +136,6 @@ class ConfusionMatrix:
         return [float(100 * t / u) if u > 0 else None for t, u in zip(tp, union)]
 
 
-@torch.no_grad()
 def semantic_ground_truth(ids: np.ndarray, segments: Sequence[dict]) -> np.ndarray:
     """A panoptic id map -> the semantic one mIoU is scored on: each segment's category, crowd ones too (as
     the official panoptic-to-semantic conversion labels them), and 255 (ignored) where no segment is."""
@@ -146,6 +145,7 @@ def semantic_ground_truth(ids: np.ndarray, segments: Sequence[dict]) -> np.ndarr
     return out
 
 
+@torch.no_grad()
 def evaluate_panoptic_dataset(
     model, dataset, limit: int | None = None, batch_size: int = 8, precision: str = "fp32"
 ) -> dict:
