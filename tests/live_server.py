@@ -60,3 +60,11 @@ def metric(url: str, sample: str, headers: dict[str, str] | None = None) -> floa
         if name == sample:
             return float(value)
     raise KeyError(sample)
+
+
+def counter(url: str, sample: str) -> float:
+    """A labelled counter's sample, 0 until its first increment (prometheus exposes none before)."""
+    try:
+        return metric(url, sample)
+    except KeyError:
+        return 0.0

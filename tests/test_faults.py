@@ -29,7 +29,7 @@ from service.backends.ort_backend import cached_onnx
 from service.settings import ServeSettings
 from tests.conftest import tiny_config
 from tests.images import encode, rgb
-from tests.live_server import live_server, metric
+from tests.live_server import counter, live_server, metric
 from tests.test_serve_process import start, wait_ready
 
 NAMES, THINGS = ["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True]
@@ -203,25 +203,18 @@ def test_more_images_than_the_limit_get_422_however_many(server):
 def test_a_client_gone_mid_upload_counts_as_499_not_500(server, caplog):
     url, _ = server
     sample = 'maskformer_requests_total{{endpoint="/segment",status="{}"}}'
-    before = {code: _sample_or_zero(url, sample.format(code)) for code in (499, 500)}
+    before = {code: counter(url, sample.format(code)) for code in (499, 500)}
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         head = b"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
         sock.sendall(head + PNG[:1000])  # a tenth of what it announced
         time.sleep(0.3)
     deadline = time.monotonic() + 10
-    while _sample_or_zero(url, sample.format(499)) == before[499] and time.monotonic() < deadline:
+    while counter(url, sample.format(499)) == before[499] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _sample_or_zero(url, sample.format(499)) == before[499] + 1
-    assert _sample_or_zero(url, sample.format(500)) == before[500]
+    assert counter(url, sample.format(499)) == before[499] + 1
+    assert counter(url, sample.format(500)) == before[500]
     assert not [r for r in caplog.records if r.levelno >= 40 and "ClientDisconnect" in str(r.exc_info)]
-
-
-def _sample_or_zero(url: str, sample: str) -> float:
-    try:
-        return metric(url, sample)
-    except KeyError:  # a labelled counter is absent until its first increment
-        return 0.0
 
 
 def test_sigterm_under_load_answers_every_accepted_request(weights, tmp_path):

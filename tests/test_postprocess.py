@@ -342,6 +342,12 @@ def test_semantic_map_is_exact_wherever_the_official_winner_is_a_candidate():
         missed = labels != ref
         assert not torch.isin(ref[missed], candidates).any()
         kept.append(1 - missed.double().mean().item())
+    misses = sum(k < 1 for k in kept)
+    print(
+        f"inputs with misses {misses} of {len(kept)}; kept {100 * sum(kept) / len(kept):.2f} % on average, "
+        f"{100 * min(kept):.1f} % at worst"
+    )
+    assert misses > 0  # the inputs do reach the heuristic's limit, so the check above has something to check
     assert sum(kept) / len(kept) >= 0.998, sum(kept) / len(kept)
 
 

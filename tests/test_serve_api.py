@@ -26,7 +26,7 @@ from service.decode import decode, prepare
 from service.settings import ServeSettings
 from tests.conftest import tiny_config
 from tests.images import awkward, encode, rgb
-from tests.live_server import live_server, metric, wait_until
+from tests.live_server import counter, live_server, metric, wait_until
 
 CLASSES = (["sky", "ground", "circle", "square", "triangle"], [False, False, True, True, True])
 
@@ -315,7 +315,7 @@ def test_a_disconnected_client_is_dropped_from_the_queue(server):
     url, app = server
     seen = []
     closed = 'maskformer_requests_total{endpoint="/segment",status="499"}'
-    closed_before = _sample_or_zero(url, closed)
+    closed_before = counter(url, closed)
 
     def slow(infer, images):
         seen.append(len(images))
@@ -334,14 +334,7 @@ def test_a_disconnected_client_is_dropped_from_the_queue(server):
         assert asyncio.run(run()).status_code == 200
         time.sleep(1.2)  # time for the batcher to run anything still queued
     assert seen == [1]  # the abandoned request never reached the backend
-    assert _sample_or_zero(url, closed) == closed_before + 1  # counted as 499, a client that left first
-
-
-def _sample_or_zero(url: str, sample: str) -> float:
-    try:
-        return metric(url, sample)
-    except KeyError:  # a labelled counter is absent until its first increment
-        return 0.0
+    assert counter(url, closed) == closed_before + 1  # counted as 499, a client that left first
 
 
 def test_probes_model_info_docs_and_metrics(server):
