@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import itertools
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -54,32 +57,52 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
 
-def expand_inputs(patterns: list[str]) -> list[Path]:
-    """Files as given, folders' images (recursively, sorted), glob matches (sorted); each file once."""
-    files: list[Path] = []
+def expand_inputs(patterns: list[str], skip: Path | None = None) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), glob matches (sorted); each file once, however
+    its path is spelled. A folder or glob leaves out what lies under `skip` where `skip` is a folder inside
+    the one it walks: the overlays an earlier run wrote there (`predict .` twice)."""
+    files: dict[Path, Path] = {}  # resolved -> as given
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = _outside(found, skip, path)
         elif path.is_file():
             found = [path]
         elif glob.has_magic(pattern):
             found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            root = Path(*[part for part in itertools.takewhile(lambda x: not glob.has_magic(x), path.parts)])
+            found = _outside(found, skip, root)
         else:
             raise FileNotFoundError(f"{pattern}: no such file or folder")
         if not found:
             raise FileNotFoundError(f"{pattern}: no images there")
-        files += found
-    return list(dict.fromkeys(files))
+        for f in found:
+            files.setdefault(f.resolve(), f)
+    return list(files.values())
+
+
+def _outside(found: list[Path], skip: Path | None, root: Path) -> list[Path]:
+    """`found` less what lies under `skip`, where `skip` is strictly inside `root`."""
+    if skip is None:
+        return found
+    skip_at, root_at = skip.resolve(), root.resolve()
+    if skip_at == root_at or not skip_at.is_relative_to(root_at):
+        return found
+    return [f for f in found if not f.resolve().is_relative_to(skip_at)]
 
 
 def overlay_names(files: list[Path]) -> list[str]:
-    """`stem.png` per input; a stem seen before gets `-2`, `-3`, ... so nothing is overwritten."""
-    seen: dict[str, int] = {}
+    """`stem.png` per input; a name taken before gets `-2`, `-3`, ... so nothing is overwritten."""
+    taken: set[str] = set()
     names = []
     for f in files:
-        seen[f.stem] = seen.get(f.stem, 0) + 1
-        names.append(f"{f.stem}.png" if seen[f.stem] == 1 else f"{f.stem}-{seen[f.stem]}.png")
+        name, n = f"{f.stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{f.stem}-{n}.png"
+        taken.add(name)
+        names.append(name)
     return names
 
 
@@ -91,12 +114,15 @@ async def _run(files: list[Path], segment: Segmenter, on_done: Callable[[int, by
 
     async def one(i: int, path: Path) -> None:
         async with limit:
-            data = await asyncio.to_thread(path.read_bytes)
+            data = b""
             result: Any
             try:
+                data = await asyncio.to_thread(path.read_bytes)
                 result = await segment(data)
             except ApiError as err:
                 result = err.message
+            except OSError as err:
+                result = f"could not read it: {err.strerror or err}"
             except Exception as err:  # ServiceError, httpx's transport errors: their text says what failed
                 result = str(err)
             await asyncio.to_thread(on_done, i, data, result)
@@ -148,8 +174,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from service.client import Prediction, load_rgb
 
-    files = expand_inputs(args.images)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     out = args.out or (None if args.json else Path("overlays"))
+    files = expand_inputs(args.images, skip=out)
     names = overlay_names(files)
     if out:
         inputs = {f.resolve() for f in files}
@@ -169,11 +196,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             results[i] = result
             if out:
-                prediction = Prediction.from_json(result)
-                prediction.segments = [s for s in prediction.segments if s.score >= min_score]
-                picture = prediction.render(load_rgb(data), labels=not args.no_labels)
-                picture.save(out / names[i])
+                try:
+                    draw(data, result, out / names[i])
+                except Exception as err:  # one picture that cannot be drawn or written stops no other
+                    failures.append(f"{files[i]}: no overlay written to {out / names[i]}: {err}")
         progress.update()
+
+    def draw(data: bytes, result: dict[str, Any], path: Path) -> None:
+        prediction = Prediction.from_json(result)
+        prediction.segments = [s for s in prediction.segments if s.score >= min_score]
+        picture = prediction.render(load_rgb(data), labels=not args.no_labels)
+        partial = path.with_name(f".{path.name}.partial")  # an interrupted write leaves no truncated PNG
+        try:
+            picture.save(partial, format="PNG")
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
     try:
         runner = _remote if args.server else _in_process

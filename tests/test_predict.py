@@ -99,3 +99,49 @@ def test_thresholds_at_the_ends_of_0_to_1_are_accepted():
     from service.commands_predict import unit_interval
 
     assert [unit_interval(v) for v in ("0", "1", "0.5", "1e-3")] == [0.0, 1.0, 0.5, 0.001]
+
+
+def test_overlay_names_never_repeat_and_each_file_counts_once(images, monkeypatch):
+    from service.commands_predict import expand_inputs, overlay_names
+
+    files = [images / "a.png", images / "sub" / "a.jpg", images / "b" / "a-2.png", images / "a-2.jpg"]
+    assert overlay_names(files) == ["a.png", "a-2.png", "a-2-2.png", "a-2-3.png"]
+    one = images / f"{SEEDS[0]}.png"
+    monkeypatch.chdir(images)
+    assert expand_inputs([str(one), f"{SEEDS[0]}.png", f"./sub/../{SEEDS[0]}.png"]) == [one]
+
+
+def test_predict_twice_into_a_folder_inside_the_one_it_walks(images, tmp_path, monkeypatch, capsys):
+    for seed in SEEDS[:2]:
+        Image.fromarray(generate(seed).image).save(tmp_path / f"{seed}.png")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run leaves out overlays/, the first run's pictures
+        assert cli(["predict", ".", "--task", "semantic", "--backend", "torch"]) == 0
+        assert "wrote 2 overlays to overlays" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == [f"{s}.png" for s in SEEDS[:2]]
+
+
+def test_an_unreadable_image_or_unwritable_overlay_stops_no_other(images, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    bad = images / f"{SEEDS[1]}.png"
+    read_bytes = Path.read_bytes
+
+    def refuse(self):
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    out = tmp_path / "o"
+    (out / f"{SEEDS[2]}.png").mkdir(parents=True)  # where one overlay would go: a folder
+    files = [str(images / f"{SEEDS[0]}.png"), str(bad), str(images / "sub" / f"{SEEDS[2]}.png")]
+    assert cli(["predict", *files, "--backend", "torch", "--out", str(out), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert f"{bad}: could not read it: Permission denied" in captured.err
+    assert f"no overlay written to {out / f'{SEEDS[2]}.png'}" in captured.err
+    assert "wrote 1 overlays" in captured.err
+    results = json.loads(captured.out)["results"]  # the JSON still has both segmented images
+    assert results[1] is None and results[0]["segments"] and results[2]["segments"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{SEEDS[0]}.png", f"{SEEDS[2]}.png"]
+    assert (out / f"{SEEDS[0]}.png").is_file() and not list(out.glob(".*.partial"))
