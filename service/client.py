@@ -30,11 +30,12 @@ ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
 
 
 class ServiceError(Exception):
-    """An error answer: HTTP status and the API's `code` and `message`."""
+    """An error answer: HTTP status, the API's `code` and `message`, and for a 429 or 503 the seconds its
+    Retry-After asks a client to wait (None where it gave none)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
 
 
 @dataclass
@@ -121,13 +122,24 @@ def _params(task: str | None, threshold: float | None, overlap: float | None, ma
 
 def _json(response: httpx.Response) -> dict[str, Any]:
     if response.is_success:
-        return response.json()
+        try:
+            body = response.json()
+        except ValueError:  # a proxy's HTML page, say
+            body = None
+        if not isinstance(body, dict):
+            text = response.text[:200]
+            raise ServiceError(response.status_code, "not_json", f"the answer is not a JSON object: {text}")
+        return body
     try:
         error = response.json()["error"]
         code, message = error["code"], error["message"]
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", response.text[:200]
-    raise ServiceError(response.status_code, code, message)
+    try:
+        retry_after = float(response.headers["Retry-After"])
+    except (KeyError, ValueError):  # absent, or an HTTP date (the service sends seconds)
+        retry_after = None
+    raise ServiceError(response.status_code, code, message, retry_after)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from model.checkpoint import default_weights
+from service.cli_types import at_least_0, positive
 
 
 def _ints(text: str) -> list[int]:
@@ -38,12 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--variants", help="comma-separated backend[:precision][+compile][+graphs][+unfolded] (default: per device)"
     )
     g.add_argument("--batch-sizes", type=_ints, default=[1, 2, 4, 8])
-    g.add_argument("--iters", type=int, default=10, help="timed forward passes per batch size")
-    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--iters", type=positive(int), default=10, help="timed forward passes per batch size")
+    g.add_argument("--warmup", type=at_least_0(int), default=2)
     g = p.add_argument_group("server level")
     g.add_argument("--skip-server", action="store_true")
     g.add_argument("--url", help="measure this running server instead of starting `maskformer serve`")
-    g.add_argument("--api-key", help="bearer token for a --url server that requires one")
+    g.add_argument("--api-key", help="bearer token for the servers measured (a --url one, or ours started with it)")
     g.add_argument(
         "--serve-args",
         action="append",
@@ -52,10 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--baseline", type=Path, help="transformers model directory: also measure the naive baseline")
     g.add_argument("--port", type=int, default=8765, help="first port of the servers this command starts (one each)")
     g.add_argument("--concurrency", type=_ints, default=[1, 4, 16, 64])
-    g.add_argument("--requests", type=int, default=128, help="most requests per concurrency level")
-    g.add_argument("--seconds", type=float, default=60, help="most seconds per concurrency level")
+    g.add_argument("--requests", type=positive(int), default=128, help="most requests per concurrency level")
+    g.add_argument("--seconds", type=positive(float), default=60, help="most seconds per concurrency level")
     g.add_argument("--task", choices=["semantic", "panoptic", "instance"], default="semantic")
-    g.add_argument("--image-size", type=int, default=512, help="side of the square JPEGs sent")
+    g.add_argument("--image-size", type=positive(int), default=512, help="side of the square JPEGs sent")
     p.set_defaults(func=cmd_bench)
 
 
@@ -139,7 +140,7 @@ def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[b
             log = args.out / f"server-{i}.log"
             stack.enter_context(load.ServerProcess(command, f"http://127.0.0.1:{args.port + i}", log))
             if server["name"] != report.BASELINE:
-                server["backend"] = load.server_backend(f"http://127.0.0.1:{args.port + i}")
+                server["backend"] = load.server_backend(f"http://127.0.0.1:{args.port + i}", args.api_key)
                 if server["backend"] is None:
                     print(f"warning: {server['name']} did not say what it runs (GET /v1/model); see {log}")
         for c in concurrency:
@@ -149,5 +150,7 @@ def _interleaved_servers(args: argparse.Namespace, weights: Path, images: list[b
                 def progress(line: str, name: str = server["name"]) -> None:
                     print(f"{name}: {line.strip()}")
 
-                server["rows"] += load.sweep(url, images, task, [c], max_requests, max_seconds, progress=progress)
+                server["rows"] += load.sweep(
+                    url, images, task, [c], max_requests, max_seconds, api_key=args.api_key, progress=progress
+                )
     return servers

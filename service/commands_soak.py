@@ -7,12 +7,19 @@ import logging
 import sys
 from pathlib import Path
 
+from service.cli_types import at_least_0, positive
+
 
 def cmd_soak(args: argparse.Namespace) -> int:
     from service.soak import soak
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     serve_args = args.serve_args[1:] if args.serve_args[:1] == ["--"] else args.serve_args
+    if args.seconds < args.warmup + 2 * args.sample_every:
+        raise ValueError(
+            f"--seconds {args.seconds:g} leaves under two RSS samples after the {args.warmup:g} s warm-up "
+            f"(--sample-every {args.sample_every:g}): run at least {args.warmup + 2 * args.sample_every:g} s"
+        )
     result, problems = soak(
         args.out,
         seconds=args.seconds,
@@ -40,12 +47,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="load-test a fresh `maskformer serve` with valid and hostile requests; fails on any unexpected answer",
         description="Arguments after `--` go to `maskformer serve` (e.g. -- --backend torch --threads 2).",
     )
-    p.add_argument("--seconds", type=float, default=300)
-    p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--sample-every", type=float, default=10, help="seconds between RSS samples")
-    p.add_argument("--warmup", type=float, default=60, help="seconds before RSS growth is measured")
-    p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth after warm-up")
-    p.add_argument("--image-size", type=int, default=256, help="side of the valid images sent")
+    p.add_argument("--seconds", type=positive(float), default=300)
+    p.add_argument("--concurrency", type=positive(int), default=32)
+    p.add_argument("--sample-every", type=positive(float), default=10, help="seconds between RSS samples")
+    p.add_argument("--warmup", type=at_least_0(float), default=60, help="seconds before RSS growth is measured")
+    p.add_argument("--max-rss-growth", type=positive(float), default=0.10, help="allowed RSS growth after warm-up")
+    p.add_argument("--image-size", type=positive(int), default=256, help="side of the valid images sent")
     p.add_argument("--port", type=int, default=8766, help="port for the server it starts (bench uses 8765)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/soak"), help="where the figures go")
     p.add_argument("serve_args", nargs=argparse.REMAINDER)

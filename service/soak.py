@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from model.data.shapes import VAL_SEED, generate
 from service.bench.load import ServerProcess, serve_command
 
 OVERLOAD = {503, 429}  # explicit refusals: allowed under load, never silent
+STOPPED = (0, -signal.SIGTERM)  # how a server that drained and stopped on SIGTERM exits
 
 
 @dataclass(frozen=True)
@@ -189,11 +191,14 @@ def judge(result: dict, warmup_s: float, max_rss_growth: float) -> list[str]:
     base = after[0] if after else result["rss_mb"][-1][1]
     growth = (max(after, default=base) - base) / base
     result["rss_after_warmup_mb"], result["rss_growth"] = base, round(growth, 4)
+    result["rss_samples_after_warmup"] = len(after)
     result["server_errors"] = sum(n for s, n in result["status_mix"].items() if s[0] == "5" and int(s) not in OVERLOAD)
     problems = [f"{n} x {what}" for what, n in result["unexpected"].items()]
     if result["server_errors"]:
         problems.append(f"{result['server_errors']} server errors (5xx other than 503)")
-    if growth >= max_rss_growth:
+    if len(after) < 2:  # a growth of 0 from one sample would pass without measuring anything
+        problems.append(f"RSS growth not measured: {len(after)} sample(s) after the {warmup_s:g} s warm-up")
+    elif growth >= max_rss_growth:
         problems.append(f"RSS grew {growth:.1%} after warm-up (limit {max_rss_growth:.0%})")
     if result["queue_depth_end"] != 0:
         problems.append(f"queue depth {result['queue_depth_end']} at the end")
@@ -201,10 +206,12 @@ def judge(result: dict, warmup_s: float, max_rss_growth: float) -> list[str]:
         problems.append(f"/readyz {result['ready_end']} at the end")
     if not result["latency_ms_200"]:
         problems.append("no request succeeded")
+    if result["exit_code"] not in STOPPED:
+        problems.append(f"exit code {result['exit_code']} after SIGTERM (-9: killed, not stopped within 60 s)")
     return problems
 
 
-def plot_rss(result: dict, warmup_s: float, path: Path) -> bool:
+def plot_rss(result: dict, warmup_s: float, max_rss_growth: float, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -217,7 +224,7 @@ def plot_rss(result: dict, warmup_s: float, path: Path) -> bool:
     ax.plot(t, mb, marker="o", markersize=3)
     ax.axvline(warmup_s, color="grey", linestyle="--", label="end of warm-up")
     base = result["rss_after_warmup_mb"]
-    ax.axhline(base * 1.1, color="red", linestyle=":", label="+10 % of post-warm-up RSS")
+    ax.axhline(base * (1 + max_rss_growth), color="red", linestyle=":", label=f"limit: +{max_rss_growth:.0%}")
     ax.set(xlabel="seconds", ylabel="server RSS (MiB)", title="maskformer serve RSS during the soak")
     ax.set_ylim(bottom=0)
     ax.legend(loc="lower right")
@@ -283,5 +290,5 @@ def soak(
         out.mkdir(parents=True, exist_ok=True)
         (out / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "README.md").write_text(report(result))
-        plot_rss(result, warmup_s, out / "rss.png")
+        plot_rss(result, warmup_s, max_rss_growth, out / "rss.png")
     return result, problems

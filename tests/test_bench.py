@@ -94,7 +94,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     for s in server["servers"]:
         assert [r["concurrency"] for r in s["rows"]] == [1, 3]
         for r in s["rows"]:
-            assert r["requests"] == r["ok"] == 6 and r["errors"] == 0 and r["status"] == {"200": 6}
+            assert r["requests"] == r["ok"] == 6 and r["errors"] == r["cut_off"] == 0 and r["status"] == {"200": 6}
             assert r["p50_ms"] <= r["p99_ms"]
     ours = server["servers"][0]["rows"]
     assert ours[0]["avg_batch"] == 1.0 and 1.0 <= ours[1]["avg_batch"] <= 3.0  # read from /metrics
@@ -120,7 +120,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path):
     assert f"(cpu fp32 {rate} GFLOP/s, best of 4 samples)" in md and "as the CPU backends run it (" in md
     assert f"would serve cpu fp32 {ceiling} img/s" in md
     assert "The forward pass alone at the cpu fp32 matmul rate / transformers baseline, img/s:" in md
-    assert "| transformers-baseline | 3 | 6 | 0 |" in md and "tensorrt:fp16" in md
+    assert "| transformers-baseline | 3 | 6 | 0 | 0 |" in md and "tensorrt:fp16" in md
     assert "| decode / queue / infer / postprocess / encode ms |" in md and "Stages: each image's mean" in md
     stages = ours[0]["stage_ms"]
     assert f"| {stages['decode']} / {stages['queue']} / {stages['infer']} / " in md
@@ -152,6 +152,72 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
                 assert server["backend"]["backend"] == "torch" and server["backend"]["overlap_postprocessing"] is True
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
+
+
+def test_a_level_ends_at_its_seconds_and_cuts_off_what_is_still_in_flight():
+    import asyncio
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI, Response
+
+    from service.bench.load import run_level
+
+    app, calls = FastAPI(), []
+
+    @app.post("/segment")
+    async def segment() -> Response:  # 200, 503, 500, then one that outlasts the level, over and over
+        calls.append(len(calls))
+        kind = (len(calls) - 1) % 4
+        if kind == 3:
+            await asyncio.sleep(4)
+        return Response(status_code=(200, 503, 500, 200)[kind])
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        row = asyncio.run(run_level(url, [b"x"], "semantic", 2, max_requests=50, max_seconds=1.5))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+    assert row["seconds"] < 2.5  # not the 4 s the slow answers take
+    assert row["cut_off"] == 2  # each client ends waiting on a slow one
+    assert row["status"].get("503") and row["status"].get("500") and "TimeoutError" not in row["status"]
+    assert row["errors"] == row["status"]["503"] + row["status"]["500"]
+    assert row["requests"] == row["ok"] + row["errors"] + row["cut_off"]
+    assert row["img_per_s"] == round(row["ok"] / row["seconds"], 3)
+
+
+def test_a_server_command_that_exits_at_once_leaves_no_open_log(tmp_path):
+    from service.bench.load import ServerProcess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ServerProcess([sys.executable, "-c", "raise SystemExit(3)"], f"http://127.0.0.1:{port}", tmp_path / "l")
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        server.__enter__()
+    assert server._log.closed
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--iters", "0"], ["--warmup", "-1"], ["--requests", "0"], ["--seconds", "0"], ["--image-size", "0"]],
+)
+def test_bench_refuses_numbers_it_cannot_run_with(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", *flags, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}: " in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_server_totals_give_each_levels_means():

@@ -89,3 +89,22 @@ def test_errors(server):
             client.segment(42)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="uint8 RGB"):
             client.segment(np.zeros((8, 8), np.float32))
+
+
+def test_error_answers_keep_retry_after_and_a_non_json_success_is_an_error():
+    import httpx
+
+    from service.client import ServiceError, _json
+
+    busy = httpx.Response(503, json={"error": {"code": "queue_full", "message": "busy"}}, headers={"Retry-After": "3"})
+    with pytest.raises(ServiceError) as info:
+        _json(busy)
+    assert (info.value.status, info.value.code, info.value.retry_after) == (503, "queue_full", 3.0)
+    with pytest.raises(ServiceError) as info:
+        _json(httpx.Response(400, json={"error": {"code": "bad_image", "message": "no"}}))
+    assert info.value.retry_after is None
+    for body in (b"<html>proxy</html>", b"[1, 2]"):
+        with pytest.raises(ServiceError) as info:
+            _json(httpx.Response(200, content=body))
+        assert (info.value.status, info.value.code) == (200, "not_json")
+    assert _json(httpx.Response(200, json={"task": "semantic"})) == {"task": "semantic"}

@@ -3,6 +3,7 @@ on a small model. The 5-minute version is `maskformer soak` (README, "Soak, fuzz
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.checkpoint import save_model
@@ -35,3 +36,57 @@ def test_short_soak_answers_everything_and_leaks_nothing(tmp_path):
     assert {"multipart", "raw-body", "batch", "garbage", "abandoned"} <= kinds
     assert result["exit_code"] in (0, -15)  # drained and stopped on SIGTERM
     assert (tmp_path / "out" / "README.md").is_file() and (tmp_path / "out" / "soak.json").is_file()
+
+
+def _run(rss: list[tuple[float, float]], exit_code: int = -15) -> dict:
+    return {
+        "rss_mb": rss,
+        "status_mix": {"200": 10},
+        "unexpected": {},
+        "queue_depth_end": 0,
+        "ready_end": 200,
+        "latency_ms_200": {"p50": 1.0},
+        "exit_code": exit_code,
+    }
+
+
+def test_rss_growth_needs_two_samples_after_the_warm_up():
+    from service.soak import judge
+
+    doubling = [(float(t), 500.0 * (1 + t / 30)) for t in range(0, 31, 10)]
+    assert judge(_run(doubling), warmup_s=60, max_rss_growth=0.1) == [
+        "RSS growth not measured: 0 sample(s) after the 60 s warm-up"
+    ]
+    assert judge(_run(doubling), warmup_s=10, max_rss_growth=0.1) == ["RSS grew 50.0% after warm-up (limit 10%)"]
+    assert judge(_run(doubling), warmup_s=10, max_rss_growth=0.6) == []
+
+
+def test_a_server_killed_after_sigterm_fails_the_soak():
+    from service.soak import judge
+
+    flat = [(0.0, 500.0), (10.0, 500.0), (20.0, 500.0)]
+    assert judge(_run(flat, exit_code=0), 0, 0.1) == judge(_run(flat, exit_code=-15), 0, 0.1) == []
+    assert judge(_run(flat, exit_code=-9), 0, 0.1) == [
+        "exit code -9 after SIGTERM (-9: killed, not stopped within 60 s)"
+    ]
+
+
+def test_the_rss_plot_draws_the_limit_the_soak_judged_by(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from service.soak import judge, plot_rss
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    run = _run([(0.0, 400.0), (10.0, 500.0), (20.0, 510.0)])
+    judge(run, warmup_s=5, max_rss_growth=0.25)
+    assert plot_rss(run, 5, 0.25, tmp_path / "rss.png") and (tmp_path / "rss.png").is_file()
+    (ax,) = figures[0].axes
+    limit = [line for line in ax.get_lines() if line.get_label() == "limit: +25%"]
+    assert len(limit) == 1 and list(limit[0].get_ydata()) == [500.0 * 1.25] * 2
+
+
+def test_soak_refuses_a_run_too_short_to_measure_rss_growth(capsys):
+    from service.cli import main as cli
+
+    assert cli(["soak", "--seconds", "30", "--warmup", "20", "--sample-every", "10"]) == 2
+    assert "leaves under two RSS samples after the 20 s warm-up" in capsys.readouterr().err

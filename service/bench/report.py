@@ -183,19 +183,21 @@ def markdown(report: dict) -> str:
             f"## Server level: task {server['task']}, {server['image_size']}x{server['image_size']} JPEGs, "
             f"at most {server['max_requests']} requests or {server['max_seconds']} s per level",
             "",
-            "| server | concurrency | requests | errors | img/s | p50 ms | p90 ms | p99 ms | avg batch "
+            "| server | concurrency | requests | errors | cut off | img/s | p50 ms | p90 ms | p99 ms | avg batch "
             "| decode / queue / infer / postprocess / encode ms |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for s in server["servers"]:
             for r in s["rows"]:
                 stages = r.get("stage_ms") or {}
                 lines.append(
-                    f"| {s['name']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['img_per_s']} | "
+                    f"| {s['name']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r.get('cut_off', 0)} | "
+                    f"{r['img_per_s']} | "
                     f"{r.get('p50_ms', '-')} | {r.get('p90_ms', '-')} | {r.get('p99_ms', '-')} | "
                     f"{r['avg_batch'] if r['avg_batch'] is not None else '-'} | "
                     f"{' / '.join(str(stages.get(k, '-')) for k in STAGES) if stages else '-'} |"
                 )
+        lines += ["", "Cut off: requests still in flight when the level's seconds ran out (not errors)."]
         if any(r.get("stage_ms") for s in server["servers"] for r in s["rows"]):
             lines += [
                 "",
