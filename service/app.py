@@ -32,7 +32,9 @@ from service.settings import ServeSettings, Task
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/healthz", "/readyz", "/"}  # probes never need the API key; the demo page asks for it
+# Probes and Prometheus (its pod annotations cannot send a token; counts and timings, no images) never need
+# the API key; the demo page asks for it.
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/"}
 DEMO_PAGE = Path(__file__).parent / "static" / "index.html"
 
 
@@ -166,11 +168,21 @@ async def until_disconnected(request: Request) -> None:
 def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     metrics = Metrics(settings.max_batch_size)
     pipeline = Pipeline(settings, metrics)
-    state: dict[str, Any] = {"ready": False, "draining": False, "load_error": None}
+    state: dict[str, Any] = {"ready": False, "draining": False, "loading": False, "load_error": None}
+    # read at each scrape, so the gauge drops the moment SIGTERM sets "draining" (service/server.py)
+    metrics.ready.set_function(lambda: float(state["ready"] and not state["draining"]))
+
+    def load_in_thread() -> None:
+        state["loading"] = True  # the thread's own flag: cancelling load() below does not stop the thread
+        try:
+            pipeline.load()
+        finally:
+            state["loading"] = False
 
     async def load() -> None:
+        state["loading"] = True  # from before the thread starts
         try:
-            await asyncio.to_thread(pipeline.load)
+            await asyncio.to_thread(load_in_thread)
         except Exception as err:
             log.exception("the backend failed to load")
             state["load_error"] = f"{type(err).__name__}: {err}"
@@ -179,14 +191,12 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
             return
         pipeline.start()
         state["ready"] = True
-        metrics.ready.set(1)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(load())
         yield
         state["draining"] = True
-        metrics.ready.set(0)
         loading.cancel()
         await pipeline.drain()
 

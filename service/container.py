@@ -104,9 +104,10 @@ def check_cache_dir(path: Path) -> None:
     """The cache volume must be writable: exported ONNX files, engines and their locks live there."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a unique name: every replica's server is PID 1, so a PID-named probe would be shared on the volume
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as err:
         raise ConfigError(
             f"cache directory {path} is not writable by uid {os.getuid()} ({err.strerror}); "

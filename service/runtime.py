@@ -95,9 +95,10 @@ def driver_requirement(cuda_build: str | None) -> str | None:
     return f"torch's CUDA {cuda_build} needs an NVIDIA driver >= {need}" if need else f"torch's CUDA {cuda_build}"
 
 
-def choose_backend(caps: Capabilities) -> tuple[str, str]:
-    """(backend, reason): TensorRT on a GPU when present, else ONNX Runtime, else torch."""
-    if caps.tensorrt and caps.cuda:
+def choose_backend(caps: Capabilities, on_cpu: bool = False) -> tuple[str, str]:
+    """(backend, reason): TensorRT on a GPU when present (unless told to run `on_cpu`), else ONNX Runtime,
+    else torch."""
+    if caps.tensorrt and caps.cuda and not on_cpu:
         return "tensorrt", f"TensorRT {caps.tensorrt} and a CUDA GPU are present"
     if caps.onnxruntime:
         gpu = "CUDAExecutionProvider" in caps.ort_providers

@@ -29,8 +29,23 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.grace_s = grace_s
         self.grace: threading.Timer | None = None
+        self.signalled: int | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().serve(sockets)
+        finally:
+            # uvicorn re-raises the signal on its way out. Where that ends the process (SIGTERM's default
+            # action) nothing here runs; where it does not (PID 1 in a container ignores it, SIGINT raises
+            # KeyboardInterrupt), asyncio would wait for the loader thread's export or build to finish.
+            status = getattr(getattr(self.config.app, "state", None), "status", {})
+            if self.signalled is not None and status.get("loading"):
+                log.warning("signal %d while loading: exiting without waiting for the export or build", self.signalled)
+                logging.shutdown()
+                os._exit(128 + self.signalled)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.signalled = sig
         status = getattr(self.config.app, "state", None)
         if status is not None:
             status.status["draining"] = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Task = Literal["semantic", "panoptic", "instance"]
@@ -48,7 +48,8 @@ class ServeSettings(BaseSettings):
     )
     overlap_threshold: float = Field(0.8, ge=0, le=1)
     api_key: SecretStr | None = Field(
-        None, description="when set, all but /healthz, /readyz and the demo page need `Authorization: Bearer KEY`"
+        None,
+        description="when set, all but /healthz, /readyz, /metrics and the demo page need `Authorization: Bearer KEY`",
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for inference (default: the library's)")
     torch_compile: bool = Field(False, description="torch backend: torch.compile the model")
@@ -63,7 +64,19 @@ class ServeSettings(BaseSettings):
         True, description="on CUDA (torch, tensorrt): decode JPEGs with nvjpeg and letterbox them on the GPU"
     )
     warmup: bool = Field(True, description="run every batch size once before reporting ready")
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value():  # an unset ${API_KEY} in Compose, say
+            raise ValueError("is empty, which would turn authentication off; unset it to serve without a key")
+        return key
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, level: object) -> object:
+        return level.lower() if isinstance(level, str) else level
 
 
 def serve_settings(argv: list[str], exit_on_error: bool = True) -> ServeSettings:

@@ -109,9 +109,20 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
 
 
+def drain_s(env: dict[str, Any]) -> float:
+    """The longest a server drains after SIGTERM (service/server.py): the grace before intake stops, the
+    wait for idle connections' requests, then uvicorn's graceful shutdown (request_timeout_s + 5)."""
+    from service.server import IDLE_WAIT_S
+    from service.settings import ServeSettings
+
+    def setting(name: str) -> float:
+        return float(env.get(f"MASKFORMER_{name.upper()}", ServeSettings.model_fields[name].default))
+
+    return setting("drain_grace_s") + IDLE_WAIT_S + setting("request_timeout_s") + DRAIN_SLACK_S
+
+
 def _drain_s(container: dict[str, Any]) -> float:
-    env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    return float(env.get("MASKFORMER_REQUEST_TIMEOUT_S", 30)) + DRAIN_SLACK_S
+    return drain_s({e["name"]: e.get("value") for e in container.get("env", [])})
 
 
 def _probe_budget(probe: dict[str, Any]) -> float:
@@ -231,7 +242,7 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
             problems.append(f"service {name}: no volume at /cache (engines would be rebuilt on every start)")
         grace = svc.get("stop_grace_period", "10s")
         env = svc.get("environment", {})
-        drain = float(env.get("MASKFORMER_REQUEST_TIMEOUT_S", 30)) + DRAIN_SLACK_S
+        drain = drain_s(env)
         if float(str(grace).rstrip("s")) <= drain:
             problems.append(f"service {name}: stop_grace_period {grace} <= drain ({drain:g} s)")
     return problems

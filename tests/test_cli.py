@@ -32,7 +32,23 @@ def test_backend_choice():
     assert choose_backend(Capabilities(python="3.11", torch="2", cuda=False, onnxruntime="1.2"))[0] == "onnxruntime"
     gpu = Capabilities(python="3.11", torch="2", cuda=True, onnxruntime="1.2", tensorrt="10.1")
     assert choose_backend(gpu)[0] == "tensorrt"
+    assert choose_backend(gpu, on_cpu=True)[0] == "onnxruntime"  # MASKFORMER_DEVICE=cpu on a GPU node
     assert choose_backend(Capabilities(python="3.11", torch="2", cuda=False, tensorrt="10.1"))[0] == "torch"
+
+
+def test_tensorrt_on_a_cpu_is_refused_before_any_export(monkeypatch, tmp_path):
+    import service.backends.ort_backend as ort_backend
+    from model.checkpoint import default_weights, read_metadata
+    from service.backends import create_backend
+    from service.settings import ServeSettings
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported an ONNX for a backend that cannot run")
+
+    monkeypatch.setattr(ort_backend, "cached_onnx", no_export)
+    settings = ServeSettings(backend="tensorrt", device="cpu", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="the tensorrt backend needs a CUDA device, not cpu"):
+        create_backend(settings, default_weights(), read_metadata(default_weights())[0])
 
 
 def test_console_script_entry_point_runs():

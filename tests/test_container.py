@@ -69,15 +69,35 @@ def test_the_cache_dir_flag_is_checked_for_writing(env):
         (["--max-batch-size=0"], "--max-batch-size: Input should be greater than or equal to 1"),
         (["--max-batchsize", "4"], "unrecognized arguments: --max-batchsize 4"),
         ([], "MASKFORMER_PORT: Input should be a valid integer"),  # no flag: the variable is named
+        (["--log-level", "verbose"], "--log-level: Input should be 'critical', 'error', 'warning', 'info' or 'debug'"),
+        (["--api-key="], "--api-key: Value error, is empty, which would turn authentication off"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(env, monkeypatch, argv, message):
     monkeypatch.setenv("MASKFORMER_PORT", "eighty")
-    if argv[:1] == ["--port"]:
+    if argv[:1] != []:
         monkeypatch.setenv("MASKFORMER_PORT", "8000")
     with pytest.raises(container.ConfigError) as err:
         container.prepare(argv)
     assert message in str(err.value)
+
+
+def test_an_empty_api_key_variable_is_refused_and_log_levels_ignore_case(env, monkeypatch):
+    monkeypatch.setenv("MASKFORMER_PORT", "8000")
+    monkeypatch.setenv("MASKFORMER_API_KEY", "")  # an unset ${API_KEY} in Compose
+    with pytest.raises(container.ConfigError, match="MASKFORMER_API_KEY: Value error, is empty"):
+        container.prepare([])
+    monkeypatch.delenv("MASKFORMER_API_KEY")
+    monkeypatch.setenv("MASKFORMER_LOG_LEVEL", "WARNING")
+    assert container.check_settings([]).log_level == "warning"
+
+
+def test_the_cache_probe_is_not_named_by_pid(env, monkeypatch):
+    # Every replica's server is PID 1: another one's probe of the same name must not get in the way.
+    monkeypatch.setattr("os.getpid", lambda: 1)
+    (env / "cache" / ".write-test.1").mkdir(parents=True)
+    container.check_cache_dir(env / "cache")
+    assert [p.name for p in (env / "cache").iterdir()] == [".write-test.1"]
 
 
 def test_the_port_flag_is_written_where_the_healthcheck_reads_it(env, monkeypatch):
@@ -98,6 +118,8 @@ def test_the_healthcheck_probes_the_port_the_start_wrote(env, monkeypatch):
 
     base = {"PATH": os.environ["PATH"], "TMPDIR": str(env / "tmp"), "MASKFORMER_PORT": "8000"}
     assert "http://127.0.0.1:8000/healthz" in probed(base)  # no port file: the variable
+    proxied = probed({**base, "http_proxy": "http://proxy.invalid:3128", "HTTP_PROXY": "http://proxy.invalid:3128"})
+    assert "Connection refused" in proxied and "proxy.invalid" not in proxied  # straight to loopback
     monkeypatch.setenv("MASKFORMER_PORT", "8000")
     container.prepare(["--port", "1"])
     assert "http://127.0.0.1:1/healthz" in probed(base)  # the flag's port, though the variable says 8000

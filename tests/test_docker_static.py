@@ -133,6 +133,9 @@ K8S_VIOLATIONS = {
     "terminationGracePeriodSeconds 30 <= preStop + drain": lambda docs: _serving(docs)[0]["spec"]["template"][
         "spec"
     ].update(terminationGracePeriodSeconds=30),
+    "terminationGracePeriodSeconds 60 <= preStop + drain": lambda docs: _serving(docs)[1]["env"].append(
+        {"name": "MASKFORMER_DRAIN_GRACE_S", "value": "30"}  # the grace counts: 5 + 30 + 1 + 30 + 5 > 60
+    ),
     "set enableServiceLinks: false": lambda docs: _serving(docs)[0]["spec"]["template"]["spec"].pop(
         "enableServiceLinks"
     ),
@@ -192,6 +195,7 @@ COMPOSE_VIOLATIONS = {
     "no healthcheck": lambda svc: svc.pop("healthcheck"),
     "no volume at /cache": lambda svc: svc.update(volumes=["./models:/models:ro"]),
     "stop_grace_period 10s <= drain": lambda svc: svc.update(stop_grace_period="10s"),
+    "stop_grace_period 45s <= drain": lambda svc: svc["environment"].update(MASKFORMER_DRAIN_GRACE_S="30"),
 }
 
 

@@ -362,13 +362,15 @@ def test_probes_model_info_docs_and_metrics(server):
     assert metric(url, 'maskformer_requests_total{endpoint="/segment",status="200"}') > 0
 
 
-def test_api_key_protects_everything_but_health(weights, tmp_path):
+def test_api_key_protects_everything_but_health_and_metrics(weights, tmp_path):
     settings = ServeSettings(
         weights=weights, backend="torch", api_key="s3cret", cache_dir=tmp_path, max_batch_size=1, warmup=False
     )
     with live_server(settings) as (url, _):
         assert httpx.get(f"{url}/healthz").status_code == 200
-        for path in ["/v1/model", "/metrics", "/docs"]:
+        metrics = httpx.get(f"{url}/metrics")  # Prometheus' pod annotations cannot send a token
+        assert metrics.status_code == 200 and "maskformer_queue_depth" in metrics.text
+        for path in ["/v1/model", "/docs"]:
             r = httpx.get(f"{url}{path}")
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         good = {"Authorization": "Bearer s3cret"}

@@ -68,6 +68,7 @@ def test_sigterm_drains_queued_and_in_flight_requests(weights, tmp_path):
     proc, url, log = start(args, tmp_path)
     try:
         wait_ready(proc, url)
+        assert "\nmaskformer_ready 1.0\n" in httpx.get(f"{url}/metrics", timeout=2).text
         image = encode(rgb(80, 100), "PNG")
         with ThreadPoolExecutor(4) as pool:
             futures = [
@@ -80,6 +81,7 @@ def test_sigterm_drains_queued_and_in_flight_requests(weights, tmp_path):
             ready = httpx.get(f"{url}/readyz", timeout=2)  # within the grace: still listening, not ready
             assert (ready.status_code, ready.json()["reason"]) == (503, "draining")
             assert ready.headers["connection"] == "close"
+            assert "\nmaskformer_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=2).text  # the gauge too
             time.sleep(1.2)
             with pytest.raises(httpx.TransportError):  # past the grace, intake has stopped
                 httpx.get(f"{url}/healthz", timeout=2)
@@ -109,3 +111,33 @@ def test_serve_rejects_unknown_settings(tmp_path):
     assert proc.wait(timeout=60) != 0
     log.seek(0)
     assert "max_batch_size" in log.read()
+
+
+def test_sigterm_during_the_export_ends_the_process_where_sigterm_is_ignored_by_default(tmp_path):
+    """As PID 1 in a container, where the kernel ignores a signal's default action: uvicorn's re-raised
+    SIGTERM then does nothing, and the process would wait for the loader thread's export. A process that
+    starts with SIGTERM ignored behaves the same (uvicorn restores that on its way out)."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "MASKFORMER_CACHE_DIR": str(cache), "MASKFORMER_THREADS": "1"}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port()), "--drain-grace-s", "0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN),
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "exporting" not in log_path.read_text():  # the shipped model's first-start ONNX export
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "exiting without waiting for the export or build" in log_path.read_text()
+    assert not list(cache.glob("*.onnx")), "the export was waited for"

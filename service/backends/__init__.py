@@ -72,8 +72,10 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
     device = resolve_device(settings.device)
     name: str = settings.backend
     if name == "auto":
-        name, why = choose_backend(probe())
+        name, why = choose_backend(probe(), on_cpu=device.type == "cpu")
         log.info("backend auto -> %s: %s", name, why)
+    if name == "tensorrt" and device.type != "cuda":  # before minutes of export and engine build
+        raise ValueError(f"the tensorrt backend needs a CUDA device, not {device.type}")
     check_precision(name, settings.precision)
     check_device_precision(device, settings.precision)  # before minutes of export for a precision it cannot run
     if settings.threads and device.type == "cpu":
