@@ -125,6 +125,24 @@ def _drain_s(container: dict[str, Any]) -> float:
     return drain_s({e["name"]: e.get("value") for e in container.get("env", [])})
 
 
+def _restricted_problems(pod: dict[str, Any], container: dict[str, Any]) -> list[str]:
+    """What Pod Security's "restricted" level asks that the pod or container does not set."""
+    pod_sc, sc = pod.get("securityContext", {}), container.get("securityContext", {})
+    problems = []
+    if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+        problems.append("runAsNonRoot is not set")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append("allowPrivilegeEscalation is not false")
+    if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+        problems.append("capabilities do not drop ALL")
+    if (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type") not in (
+        "RuntimeDefault",
+        "Localhost",
+    ):
+        problems.append("no RuntimeDefault seccompProfile")
+    return problems
+
+
 def _probe_budget(probe: dict[str, Any]) -> float:
     return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
 
@@ -172,6 +190,7 @@ def k8s_problems(docs: list[dict[str, Any]], metric_names: set[str]) -> list[str
                     problems.append(f"{where}: no {probe}")
             if not c.get("lifecycle", {}).get("preStop"):
                 problems.append(f"{where}: no preStop hook")
+            problems += [f"{where}: {p}" for p in _restricted_problems(dep["spec"]["template"]["spec"], c)]
             grace = dep["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
             if c["name"] == "maskformer":
                 if dep["spec"]["template"]["spec"].get("enableServiceLinks", True):

@@ -130,6 +130,13 @@ K8S_VIOLATIONS = {
     "no startupProbe": lambda docs: _serving(docs)[1].pop("startupProbe"),
     "startupProbe allows under 600 s": lambda docs: _serving(docs)[1]["startupProbe"].update(failureThreshold=30),
     "no preStop hook": lambda docs: _serving(docs)[1].pop("lifecycle"),
+    "allowPrivilegeEscalation is not false": lambda docs: _serving(docs)[1]["securityContext"].pop(
+        "allowPrivilegeEscalation"
+    ),
+    "capabilities do not drop ALL": lambda docs: _serving(docs)[1]["securityContext"].pop("capabilities"),
+    "no RuntimeDefault seccompProfile": lambda docs: _serving(docs)[0]["spec"]["template"]["spec"][
+        "securityContext"
+    ].pop("seccompProfile"),
     "terminationGracePeriodSeconds 30 <= preStop + drain": lambda docs: _serving(docs)[0]["spec"]["template"][
         "spec"
     ].update(terminationGracePeriodSeconds=30),
