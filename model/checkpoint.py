@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 import torch
@@ -60,10 +61,38 @@ def save_model(model: MaskFormer, path: str | Path, dtype: torch.dtype | None = 
         ),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    write_atomically(tensors, metadata, path)
     return path
+
+
+def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write to a new file beside `path`, then rename it over `path`: never a half-written checkpoint under the
+    real name, no temp file shared by two writers of one path, and none left behind by a failure."""
+    tmp, mode = create_temp(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(mode)  # save_file makes its file 0600 whatever the umask; the container's user must read it
+        tmp.replace(path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, SafetensorError):
+            raise OSError(f"cannot write {path}: {err}") from err
+        raise
+
+
+def create_temp(path: Path) -> tuple[Path, int]:
+    """A new, uniquely named file beside `path`, and the mode the umask gives new files (read off that file:
+    os.umask cannot read the mask without setting it, which races other threads)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror}") from err
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+    return tmp, mode
 
 
 def read_metadata(path: str | Path) -> tuple[MaskFormerConfig, ModelInfo]:

@@ -1,9 +1,13 @@
 """Self-describing .safetensors checkpoints: round trip, metadata, and clear refusals."""
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from model import ModelInfo, build_model, load_model, read_metadata, save_model
@@ -99,3 +103,43 @@ def test_default_weights_come_from_the_registry(tmp_path, saved):
     _, path = saved
     (tmp_path / "registry.json").write_text(json.dumps({"default": "t", "models": {"t": {"file": path.name}}}))
     assert default_weights(tmp_path) == path
+
+
+@pytest.fixture
+def umask():
+    """Sets the process umask for one test and restores it."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077], ids=oct)
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask, mask):
+    umask(mask)  # save_file alone gives 0600: unreadable by the container's uid after a host-side convert
+    path = save_model(build_model(TINY, INFO), tmp_path / "m.safetensors")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_each_write_has_its_own_temp_file_and_a_failed_one_leaves_none(tmp_path, monkeypatch):
+    model = build_model(TINY, INFO)
+    path = save_model(model, tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    temps = []
+
+    def fail_half_way(tensors, filename, metadata):
+        temps.append(filename)
+        Path(filename).write_bytes(b"x" * 1000)
+        raise SafetensorError("No space left on device")
+
+    monkeypatch.setattr("model.checkpoint.save_file", fail_half_way)
+    for _ in range(2):
+        with pytest.raises(OSError, match=f"cannot write {path}: No space left"):
+            save_model(model, path)
+    assert len(set(temps)) == 2 and all(Path(t).parent == tmp_path for t in temps)
+    assert sorted(tmp_path.iterdir()) == [path] and path.read_bytes() == before
+
+
+def test_an_unwritable_out_is_one_line_naming_it(saved, capsys):
+    _, path = saved
+    assert cli(["convert", "--from", "maskformer", str(path), "--out", "/proc/x.safetensors"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write /proc/x.safetensors")
