@@ -6,6 +6,8 @@ Loading never unpickles anything.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import secrets
@@ -123,13 +125,59 @@ def read_metadata(path: str | Path) -> tuple[MaskFormerConfig, ModelInfo]:
 
 
 def default_weights(weights_dir: Path | None = None) -> Path:
-    """The shipped default checkpoint, as weights/registry.json names it."""
+    """The shipped default checkpoint, as weights/registry.json names it, checked against the registry's
+    `bytes` and `sha256` (each where given): a damaged file would load and predict NaNs."""
     weights_dir = weights_dir or WEIGHTS_DIR
-    registry_file = weights_dir / "registry.json"
+    entry = default_entry(weights_dir / "registry.json")
+    path = weights_dir / entry["file"]
+    verify_file(path, entry.get("bytes"), entry.get("sha256"))
+    return path
+
+
+def default_entry(registry_file: Path) -> dict:
+    """The registry's entry for its default model."""
     if not registry_file.is_file():
         raise FileNotFoundError(f"no {registry_file}: pass a checkpoint path, or set MASKFORMER_WEIGHTS_DIR")
-    registry = json.loads(registry_file.read_text())
-    return weights_dir / registry["models"][registry["default"]]["file"]
+    try:
+        registry = json.loads(registry_file.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{registry_file}: not valid JSON ({err})") from err
+    models = registry.get("models") if isinstance(registry, dict) else None
+    if not isinstance(models, dict) or "default" not in registry:
+        raise CheckpointError(f'{registry_file}: expected {{"default": NAME, "models": {{NAME: {{"file": ...}}}}}}')
+    default = registry["default"]
+    if not isinstance(default, str) or default not in models:
+        raise CheckpointError(f"{registry_file}: default {default!r} is not one of its models ({', '.join(models)})")
+    entry = models[default]
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise CheckpointError(f"{registry_file}: model {default!r} names no file")
+    return entry
+
+
+def verify_file(path: Path, size: int | None, sha256: str | None) -> None:
+    """Size first (free), then sha256, against what the registry says."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path}, the registry's default checkpoint")
+    st = path.stat()
+    if size is not None and st.st_size != size:
+        raise CheckpointError(f"{path}: {st.st_size} bytes, but the registry says {size} (a damaged or replaced file)")
+    if sha256 is not None:
+        actual = file_sha256(str(path), st.st_size, st.st_mtime_ns)
+        if actual != str(sha256).lower():
+            raise CheckpointError(
+                f"{path}: sha256 {actual}, but the registry says {sha256} (a damaged or replaced file)"
+            )
+
+
+@functools.lru_cache(maxsize=16)
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """Streamed sha256; size and mtime_ns only key the cache, so a file is hashed once per process unless it
+    changes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> MaskFormer:

@@ -2,7 +2,10 @@
 
 import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from model import ModelInfo, build_model, load_model, read_metadata, save_model
-from model.checkpoint import CheckpointError
+from model.checkpoint import WEIGHTS_DIR, CheckpointError, default_weights
 from service.cli import main as cli
 from tests.test_model import TINY
 
+ROOT = Path(__file__).resolve().parents[1]
 INFO = ModelInfo(
     name="tiny",
     class_names=["sky", "ground", "circle", "square", "triangle"],
@@ -96,8 +100,6 @@ def test_info_command(saved, capsys):
 
 
 def test_default_weights_come_from_the_registry(tmp_path, saved):
-    from model.checkpoint import default_weights
-
     with pytest.raises(FileNotFoundError, match="registry.json"):
         default_weights(tmp_path)
     _, path = saved
@@ -143,3 +145,56 @@ def test_an_unwritable_out_is_one_line_naming_it(saved, capsys):
     _, path = saved
     assert cli(["convert", "--from", "maskformer", str(path), "--out", "/proc/x.safetensors"]) == 2
     assert capsys.readouterr().err.startswith("error: cannot write /proc/x.safetensors")
+
+
+@pytest.fixture
+def weights_copy(tmp_path):
+    """A copy of the shipped weights/ folder and its default checkpoint."""
+    shutil.copytree(WEIGHTS_DIR, tmp_path / "weights")
+    registry = json.loads((tmp_path / "weights" / "registry.json").read_text())
+    return tmp_path / "weights", registry["models"][registry["default"]]
+
+
+def corrupt(path, offset=100_000):
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_default_checkpoint_is_refused_by_its_registry_digest(weights_copy):
+    folder, entry = weights_copy
+    corrupt(folder / entry["file"])
+    env = {**os.environ, "MASKFORMER_WEIGHTS_DIR": str(folder)}
+    code = "from model import load_model; load_model()"
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"CheckpointError: {folder / entry['file']}: sha256 " in result.stderr
+    assert f"the registry says {entry['sha256']}" in result.stderr
+
+
+def test_the_digest_is_checked_again_when_the_file_changes(weights_copy):
+    folder, entry = weights_copy
+    path = default_weights(folder)
+    corrupt(path)  # same size, new mtime: the once-per-process cache must not hide it
+    with pytest.raises(CheckpointError, match="sha256"):
+        default_weights(folder)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{path.stat().st_size} bytes, but the registry says {entry['bytes']}"):
+        default_weights(folder)
+
+
+@pytest.mark.parametrize(
+    "registry, message",
+    [
+        ("{not json", "registry.json: not valid JSON"),
+        ('{"default": "nope", "models": {"t": {"file": "t.safetensors"}}}', "default 'nope' is not one of its models"),
+        ('{"default": "t", "models": {"t": {}}}', "model 't' names no file"),
+        ('{"models": {}}', 'expected {"default": NAME'),
+        ('{"default": "t", "models": {"t": {"file": "gone.safetensors"}}}', "no .*gone.safetensors, the registry's"),
+    ],
+)
+def test_registry_problems_name_the_file(tmp_path, registry, message):
+    (tmp_path / "registry.json").write_text(registry)
+    with pytest.raises((CheckpointError, FileNotFoundError), match=message) as err:
+        default_weights(tmp_path)
+    assert str(tmp_path) in str(err.value)
