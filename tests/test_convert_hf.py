@@ -1,6 +1,7 @@
 """`maskformer convert --from hf` beyond the numbers: file variants, class metadata, refusals."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -62,3 +63,36 @@ def test_refusals_are_clear(tmp_path, capsys):
     assert cli(["convert", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "torchvision" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def convert(src, out, *flags):
+    return cli(["convert", "--from", "hf", str(src), "--out", str(out), *flags])
+
+
+def edit_config(src, **changes):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if v is not None}))
+
+
+def test_default_labels_left_out_of_config_json_come_from_the_class_head(tmp_path):
+    small_hf().save_pretrained(tmp_path / "hf")  # transformers' default: 2 labels, and no id2label written
+    assert "id2label" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 0
+    model = load_model(tmp_path / "m.safetensors")
+    assert model.cfg.num_classes == 2 and model.info.class_names == ["LABEL_0", "LABEL_1"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"id2label": {"0": "a", "1": "b", "5": "c"}}, r"id2label's ids \[0, 1, 5\] are not 0..2"),
+        ({"id2label": {"0": "a", "1": "b"}}, "gives 2 classes, but class_predictor.weight has 4 rows"),
+        ({"id2label": None, "num_labels": 5}, "gives 5 classes, but class_predictor.weight has 4 rows"),
+    ],
+)
+def test_class_counts_that_do_not_fit_the_class_head_are_refused(tmp_path, capsys, changes, message):
+    small_hf(num_labels=3).save_pretrained(tmp_path / "hf")
+    edit_config(tmp_path / "hf", **changes)
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
+    assert re.search(message, capsys.readouterr().err)

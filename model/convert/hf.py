@@ -128,16 +128,38 @@ def backbone_from_hf(bc: dict) -> BackboneConfig:
     raise ConversionError(f"unsupported backbone model_type {kind!r} (ResNet and Swin are supported)")
 
 
-def config_from_hf(src: Path) -> tuple[MaskFormerConfig, list[str]]:
+def read_hf_config(src: Path) -> dict:
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{src}: no config.json (expected a transformers save_pretrained directory)")
     hf = json.loads(cfg_file.read_text())
     if hf.get("model_type") != "maskformer":
         raise ConversionError(f"{cfg_file}: model_type is {hf.get('model_type')!r}, not 'maskformer'")
+    return hf
+
+
+def class_names(hf: dict, class_rows: int, cfg_file: Path) -> list[str]:
+    """id2label's names, which must fill 0..N-1. transformers leaves the default labels (2, LABEL_0 and
+    LABEL_1) out of config.json, so without id2label num_labels, else class_predictor's rows less the
+    "no object" row, give N, and the names are LABEL_i."""
+    try:
+        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+    except ValueError as err:
+        raise ConversionError(f"{cfg_file}: id2label's keys must be class ids ({err})") from err
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ConversionError(f"{cfg_file}: id2label's ids {sorted(id2label)} are not 0..{len(id2label) - 1}")
+    count = len(id2label) or hf.get("num_labels") or class_rows - 1
+    if count != class_rows - 1:
+        raise ConversionError(
+            f"{cfg_file} gives {count} classes, but class_predictor.weight has {class_rows} rows "
+            "(one per class and one for 'no object')"
+        )
+    return [id2label.get(i, f"LABEL_{i}") for i in range(count)]
+
+
+def config_from_hf(src: Path, hf: dict, class_rows: int) -> tuple[MaskFormerConfig, list[str]]:
     dec = hf.get("decoder_config") or {}
-    id2label = {int(k): v for k, v in (hf.get("id2label") or {}).items()}
-    names = [id2label[i] for i in range(len(id2label))]
+    names = class_names(hf, class_rows, src / "config.json")
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, (512, 512)
     pre = src / "preprocessor_config.json"
     if pre.is_file():
@@ -187,10 +209,20 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     raise ConversionError(f"{src}: neither model.safetensors nor pytorch_model.bin found")
 
 
+def class_rows(state: dict[str, torch.Tensor], src: Path) -> int:
+    """Rows of the class head: the number of classes, plus one for "no object"."""
+    weight = state.get("class_predictor.weight")
+    if weight is None or weight.dim() != 2:
+        raise ConversionError(f"{src}: no class_predictor.weight matrix among the weights")
+    return weight.shape[0]
+
+
 def convert_hf(src: str | Path, name: str | None = None) -> MaskFormer:
     src = Path(src)
-    cfg, names = config_from_hf(src)
+    hf = read_hf_config(src)
+    weights = read_hf_weights(src)
+    cfg, names = config_from_hf(src, hf, class_rows(weights, src))
     info = ModelInfo(name=name or src.name, class_names=names, isthing=thing_flags(names))
     rules = HEAD_RULES + (RESNET_RULES if cfg.backbone.kind == "resnet" else SWIN_RULES)
-    state = merge_qkv(rename(read_hf_weights(src), rules, IGNORE))
+    state = merge_qkv(rename(weights, rules, IGNORE))
     return assemble(build_model(cfg, info), state, str(src))
