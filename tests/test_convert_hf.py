@@ -96,3 +96,26 @@ def test_class_counts_that_do_not_fit_the_class_head_are_refused(tmp_path, capsy
     edit_config(tmp_path / "hf", **changes)
     assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        (640, (640, 640)),  # legacy: an int is the shortest edge (with "max_size" beside it)
+        ({"shortest_edge": 800, "longest_edge": 1333}, (800, 800)),
+        ({"height": 384, "width": 520}, (384, 512)),
+    ],
+)
+def test_processor_sizes_in_every_spelling(tmp_path, size, expected):
+    small_hf(num_labels=3).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"size": size, "max_size": 2560}))
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 0
+    assert load_model(tmp_path / "m.safetensors").cfg.input_size == expected
+
+
+@pytest.mark.parametrize("size", [{"longest_edge": 1333}, "640", 16, {"height": 384}])
+def test_processor_sizes_that_say_nothing_usable_are_refused(tmp_path, capsys, size):
+    small_hf(num_labels=3).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
+    assert "preprocessor_config.json: size " in capsys.readouterr().err

@@ -157,6 +157,26 @@ def class_names(hf: dict, class_rows: int, cfg_file: Path) -> list[str]:
     return [id2label.get(i, f"LABEL_{i}") for i in range(count)]
 
 
+def input_size(size: object, pre_file: Path) -> tuple[int, int] | None:
+    """The processor's resize target, each side down to a multiple of 32: a legacy int `size` or
+    {"shortest_edge": S, ...} is a square of S, {"height": H, "width": W} is H x W."""
+    if size is None:
+        return None
+    if not isinstance(size, dict):
+        sides = [size, size]
+    elif "shortest_edge" in size:
+        sides = [size["shortest_edge"]] * 2
+    else:
+        sides = [size.get("height"), size.get("width")]
+    pixels = [s for s in sides if isinstance(s, int) and not isinstance(s, bool) and s >= 32]
+    if len(pixels) != 2:
+        raise ConversionError(
+            f"{pre_file}: size {size!r} is not an int, {{'shortest_edge': S}} or {{'height': H, 'width': W}} "
+            "of at least 32 pixels"
+        )
+    return pixels[0] // 32 * 32, pixels[1] // 32 * 32
+
+
 def config_from_hf(src: Path, hf: dict, class_rows: int) -> tuple[MaskFormerConfig, list[str]]:
     dec = hf.get("decoder_config") or {}
     names = class_names(hf, class_rows, src / "config.json")
@@ -166,9 +186,7 @@ def config_from_hf(src: Path, hf: dict, class_rows: int) -> tuple[MaskFormerConf
         p = json.loads(pre.read_text())
         mean = tuple(255.0 * v for v in p.get("image_mean", [m / 255 for m in IMAGENET_MEAN]))
         std = tuple(255.0 * v for v in p.get("image_std", [s / 255 for s in IMAGENET_STD]))
-        short = (p.get("size") or {}).get("shortest_edge")
-        if short:
-            size = (int(short) // 32 * 32,) * 2
+        size = input_size(p.get("size"), pre) or size
     cfg = MaskFormerConfig(
         num_classes=len(names),
         backbone=backbone_from_hf(hf["backbone_config"]),
