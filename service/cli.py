@@ -48,10 +48,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from model.checkpoint import save_model
 
+    if args.classes and args.source != "hf":
+        print("error: --classes is for --from hf (a preset or checkpoint has its class list)", file=sys.stderr)
+        return 2
     if args.source == "hf":
         from model.convert.hf import convert_hf
 
-        model = convert_hf(args.src, name=args.name)
+        model = convert_hf(args.src, name=args.name, classes=args.classes)
     elif args.source == "maskformer":
         from model import load_model
 
@@ -212,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="destination .safetensors")
     p.add_argument("--preset", help="architecture of a detectron2 checkpoint (see `maskformer presets`)")
     p.add_argument("--name", help="model name stored in the checkpoint (default: the source's name)")
+    p.add_argument(
+        "--classes",
+        help="--from hf: thing/stuff flags from this shipped class list, e.g. ade20k-150, coco-panoptic-133, shapes "
+        "(default: the list whose names match; else every class is a thing)",
+    )
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     p.set_defaults(func=cmd_convert)
 

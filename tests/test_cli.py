@@ -62,6 +62,15 @@ def test_convert_needs_a_preset_for_detectron2(tmp_path, capsys):
     )
 
 
+def test_convert_takes_classes_only_from_hf(tmp_path, capsys):
+    out = str(tmp_path / "o.safetensors")
+    assert (
+        cli(["convert", "--from", "maskformer", str(tmp_path / "m.safetensors"), "--classes", "shapes", "--out", out])
+        == 2
+    )
+    assert "--classes is for --from hf" in capsys.readouterr().err
+
+
 def test_serve_without_arguments_serves_the_shipped_model_on_port_8000_of_every_interface(monkeypatch):
     for name in list(os.environ):
         if name.startswith("MASKFORMER_"):

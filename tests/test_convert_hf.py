@@ -119,3 +119,26 @@ def test_processor_sizes_that_say_nothing_usable_are_refused(tmp_path, capsys, s
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"size": size}))
     assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
     assert "preprocessor_config.json: size " in capsys.readouterr().err
+
+
+def test_class_names_match_a_shipped_list_whatever_their_spacing_and_case(tmp_path):
+    ade = load_classes("ade20k-150")
+    names = [n.upper() if i % 2 else n for i, n in enumerate(ade.names)]
+    names[7] = "bed "  # as huggingface/label-files' ade20k-id2label.json spells it
+    small_hf(id2label=dict(enumerate(names))).save_pretrained(tmp_path / "hf")
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 0
+    info = load_model(tmp_path / "m.safetensors").info
+    assert info.class_names == names and info.isthing == list(ade.isthing)
+
+
+def test_the_classes_flag_chooses_the_thing_flags(tmp_path, capsys):
+    shapes = load_classes("shapes")
+    small_hf(id2label={i: f"c{i}" for i in range(len(shapes))}).save_pretrained(tmp_path / "hf")
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors", "--classes", "shapes") == 0
+    info = load_model(tmp_path / "m.safetensors").info
+    assert info.class_names == [f"c{i}" for i in range(5)] and info.isthing == list(shapes.isthing)
+    assert convert(tmp_path / "hf", tmp_path / "n.safetensors", "--classes", "ade20k_150") == 2
+    assert "--classes ade20k_150 has 150 classes, the model 5" in capsys.readouterr().err
+    assert convert(tmp_path / "hf", tmp_path / "n.safetensors", "--classes", "coco") == 2
+    assert "no class list 'coco'; shipped: ade20k-150" in capsys.readouterr().err
+    assert not (tmp_path / "n.safetensors").exists()

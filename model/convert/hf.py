@@ -208,14 +208,25 @@ def config_from_hf(src: Path, hf: dict, class_rows: int) -> tuple[MaskFormerConf
     return cfg, names
 
 
-def thing_flags(names: list[str]) -> list[bool]:
-    """Thing flags from a shipped class list with the same names; all things (with a warning) otherwise."""
-    for listed in available():
-        classes = load_classes(listed)
-        if list(classes.names) == names:
-            return list(classes.isthing)
-    log.warning("class names match no shipped class list; marking every class as a thing")
+def thing_flags(names: list[str], classes: str | None = None) -> list[bool]:
+    """Thing flags of the shipped class list `classes`, else of the one with the same names (compared stripped
+    and lower-cased: label files differ in such details, e.g. ADE20K's "bed "); otherwise all things, with a
+    warning."""
+    if classes is not None:
+        listed = load_classes(classes)
+        if len(listed) != len(names):
+            raise ConversionError(f"--classes {classes} has {len(listed)} classes, the model {len(names)}")
+        return list(listed.isthing)
+    for shipped in available():
+        listed = load_classes(shipped)
+        if [normalised(n) for n in listed.names] == [normalised(n) for n in names]:
+            return list(listed.isthing)
+    log.warning("class names match no shipped class list; marking every class as a thing (see --classes)")
     return [True] * len(names)
+
+
+def normalised(name: str) -> str:
+    return name.strip().lower()
 
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
@@ -235,12 +246,13 @@ def class_rows(state: dict[str, torch.Tensor], src: Path) -> int:
     return weight.shape[0]
 
 
-def convert_hf(src: str | Path, name: str | None = None) -> MaskFormer:
+def convert_hf(src: str | Path, name: str | None = None, classes: str | None = None) -> MaskFormer:
+    """`classes`: the shipped class list whose thing flags to take (default: the one whose names match)."""
     src = Path(src)
     hf = read_hf_config(src)
     weights = read_hf_weights(src)
     cfg, names = config_from_hf(src, hf, class_rows(weights, src))
-    info = ModelInfo(name=name or src.name, class_names=names, isthing=thing_flags(names))
+    info = ModelInfo(name=name or src.name, class_names=names, isthing=thing_flags(names, classes))
     rules = HEAD_RULES + (RESNET_RULES if cfg.backbone.kind == "resnet" else SWIN_RULES)
     state = merge_qkv(rename(weights, rules, IGNORE))
     return assemble(build_model(cfg, info), state, str(src))
