@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert transformers or official (detectron2) weights to a checkpoint")
     p.add_argument("--from", dest="source", choices=["hf", "detectron2", "maskformer"], required=True)
     p.add_argument(
-        "src", type=Path, help="transformers directory, detectron2 model_final.pkl, or one of our checkpoints"
+        "src", type=Path, help="transformers directory, detectron2 model_final.pkl (or .pth), or one of our checkpoints"
     )
     p.add_argument("--out", type=Path, required=True, help="destination .safetensors")
     p.add_argument("--preset", help="architecture of a detectron2 checkpoint (see `maskformer presets`)")

@@ -18,6 +18,7 @@ from model.transformer import MultiheadAttention
 from service.cli import main as cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "detectron2_keys"
+CLASS_EMBED = "sem_seg_head.predictor.class_embed.weight"
 CASES = {
     "maskformer_R50_FPN_ade20k": "r50-ade20k",
     "maskformer_R50_6enc_coco_panoptic": "r50-coco-panoptic",
@@ -46,12 +47,35 @@ def test_every_official_key_maps_onto_the_preset(fixture, tmp_path):
     np.testing.assert_array_equal(
         ours["pixel_decoder.lateral_convs.0.0.weight"], state["sem_seg_head.adapter_1.weight"]
     )
-    np.testing.assert_array_equal(ours["class_embed.weight"], state["sem_seg_head.predictor.class_embed.weight"])
+    np.testing.assert_array_equal(ours["class_embed.weight"], state[CLASS_EMBED])
     q = state["sem_seg_head.predictor.transformer.decoder.layers.5.multihead_attn.in_proj_weight"][:256]
     np.testing.assert_array_equal(ours["decoder.layers.5.cross_attn.q_proj.weight"], q)
     with torch.no_grad():
         out = model(torch.rand(1, 3, 64, 64) * 255)
     assert out["pred_logits"].shape[-1] == get_preset(CASES[fixture]).config.num_classes + 1
+
+
+def test_a_torch_save_pth_loads_without_unpickling(tmp_path, caplog):
+    state = {k: torch.from_numpy(v) for k, v in official_state("maskformer_R50_FPN_ade20k").items()}
+    pth = tmp_path / "model_final.pth"
+    torch.save({"model": state, "iteration": 5}, pth)  # as detectron2's checkpointer saves, zip format
+    out = tmp_path / "converted.safetensors"
+    assert cli(["convert", "--from", "detectron2", str(pth), "--preset", "r50-ade20k", "--out", str(out)]) == 0
+    torch.testing.assert_close(load_model(out).state_dict()["class_embed.weight"], state[CLASS_EMBED])
+    assert "loading a pickle" not in caplog.text
+
+
+def test_unreadable_checkpoints_are_one_line_naming_the_file(tmp_path, capsys):
+    pkl = tmp_path / "model_final.pkl"
+    pkl.write_bytes(pickle.dumps({"model": official_state("maskformer_R50_FPN_ade20k")})[:5000])
+    pth = tmp_path / "model_final.pth"
+    torch.save({"model": {"a": torch.zeros(100)}}, pth)
+    data = pth.read_bytes()
+    pth.write_bytes(data[:100] + b"\0" * 200 + data[300:])  # still a zip file, but torch cannot read it
+    for path, what in ((pkl, "pickle"), (pth, "torch file")):
+        out = tmp_path / "x.safetensors"
+        assert cli(["convert", "--from", "detectron2", str(path), "--preset", "r50-ade20k", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {path}: not a readable {what} (")
 
 
 def test_pixel_decoder_prefix_of_resaved_state_dicts_is_accepted():

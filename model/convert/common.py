@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,25 @@ Rules = list[tuple[str, str]]  # (full-match regex, replacement template)
 
 class ConversionError(ValueError):
     """The source checkpoint does not fit the architecture it was declared to have."""
+
+
+@contextmanager
+def unreadable_as(path: str | Path, what: str) -> Iterator[None]:
+    """A loader's failure as a ConversionError naming the file. Unpicklers fail on junk with whatever they trip
+    over (UnpicklingError, EOFError, KeyError, IndexError, RuntimeError, ...); OSError passes, naming the path."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as err:
+        detail = (str(err).splitlines() or [""])[0]
+        raise ConversionError(f"{path}: not a readable {what} ({type(err).__name__}: {detail})") from err
+
+
+def read_torch_file(path: str | Path) -> object:
+    """A torch.save file through the weights-only loader: tensors and plain containers, never arbitrary objects."""
+    with unreadable_as(path, "torch file"):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rename(state: dict[str, torch.Tensor], rules: Rules, ignore: Iterable[str]) -> dict[str, torch.Tensor]:

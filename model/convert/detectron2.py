@@ -1,4 +1,5 @@
-"""Official MaskFormer (detectron2) model-zoo checkpoint (`model_final_*.pkl`) -> our checkpoint.
+"""Official MaskFormer (detectron2) model-zoo checkpoint (`model_final_*.pkl`, or a torch.save `.pth`) -> our
+checkpoint.
 
 The architecture is not stored in those files, so a preset names it. The key mapping follows the
 official module structure (see tests/fixtures/detectron2_keys/). The released .pkl files keep the pixel
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,15 @@ import torch
 
 from model.classes import load_classes
 from model.config import get_preset
-from model.convert.common import ConversionError, Rules, assemble, rename, split_fused_qkv
+from model.convert.common import (
+    ConversionError,
+    Rules,
+    assemble,
+    read_torch_file,
+    rename,
+    split_fused_qkv,
+    unreadable_as,
+)
 from model.maskformer import MaskFormer, ModelInfo, build_model
 
 log = logging.getLogger(__name__)
@@ -82,10 +92,9 @@ IGNORE = [
 
 
 def read_detectron2_pkl(path: str | Path) -> dict[str, torch.Tensor]:
-    """Unpickle a detectron2 checkpoint. Pickle runs code: only use files from sources you trust."""
-    log.warning("%s: loading a pickle; treat it as trusted input only (it can execute code)", path)
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")  # noqa: S301 - documented trusted input
+    """A detectron2 checkpoint: a torch.save zip file (a .pth; weights-only loader), else a pickle (the model
+    zoo's .pkl). Pickle runs code: only use files from sources you trust."""
+    data = read_torch_file(path) if zipfile.is_zipfile(path) else unpickle(path)
     state = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise ConversionError(f"{path}: expected a dict of arrays (optionally under 'model')")
@@ -97,6 +106,12 @@ def read_detectron2_pkl(path: str | Path) -> dict[str, torch.Tensor]:
             raise ConversionError(f"{path}: {key} is a {type(value).__name__}, not an array")
         out[key] = value
     return out
+
+
+def unpickle(path: str | Path) -> object:
+    log.warning("%s: loading a pickle; treat it as trusted input only (it can execute code)", path)
+    with unreadable_as(path, "pickle"), open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")  # noqa: S301 - documented trusted input
 
 
 def map_detectron2_keys(state: dict[str, torch.Tensor], backbone_kind: str) -> dict[str, torch.Tensor]:
