@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from model.convert.common import read_safetensors, read_torch_file, tensors_only
 from model.maskformer import MaskFormer
 
 log = logging.getLogger(__name__)
@@ -17,13 +17,12 @@ log = logging.getLogger(__name__)
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    # weights_only: tensors and plain containers, never arbitrary objects
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path)
+    state = read_torch_file(path)
     for key in ("state_dict", "model"):  # common wrappers
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    return state
+    return tensors_only(state, path)
 
 
 def _swin_key(key: str, merge_first: bool) -> str | None:

@@ -142,3 +142,20 @@ def test_the_classes_flag_chooses_the_thing_flags(tmp_path, capsys):
     assert convert(tmp_path / "hf", tmp_path / "n.safetensors", "--classes", "coco") == 2
     assert "no class list 'coco'; shipped: ade20k-150" in capsys.readouterr().err
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_unreadable_files_are_one_line_naming_them(tmp_path, capsys):
+    hf = small_hf(num_labels=3)
+    hf.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bar
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # a download cut short
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
+    assert capsys.readouterr().err.startswith(f"error: {weights}: not a readable safetensors file (")
+    weights.unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"junk" * 100)  # torch.load: KeyError 1785425525
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'hf' / 'pytorch_model.bin'}: not a readable torch")
+    (tmp_path / "hf" / "config.json").write_text("{")
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'hf' / 'config.json'}: not a readable JSON file")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torchvision.models import resnet18, swin_t
 
 from model import MaskFormerConfig, build_model, get_preset
@@ -50,6 +51,22 @@ def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path):
     wrong = build_model(MaskFormerConfig(num_classes=3, backbone=resnet(50)))
     with pytest.raises(ValueError, match="does not fit"):
         load_backbone_weights(wrong, tmp_path / "r18.pth")
+
+
+def test_unreadable_backbone_weights_are_an_error_naming_the_file(tmp_path):
+    model = build_model(MaskFormerConfig(num_classes=3, backbone=resnet(18)))
+    save_file(resnet18().state_dict(), str(tmp_path / "r18.safetensors"))
+    torch.save([1, 2], tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file at all")
+    data = (tmp_path / "r18.safetensors").read_bytes()
+    (tmp_path / "r18.safetensors").write_bytes(data[: len(data) // 2])  # a download cut short
+    for name, message in (
+        ("r18.safetensors", "not a readable safetensors file"),
+        ("junk.pth", "not a readable torch file"),
+        ("list.pth", "not a state dict"),
+    ):
+        with pytest.raises(ValueError, match=f"{tmp_path / name}: {message}"):
+            load_backbone_weights(model, tmp_path / name)
 
 
 def test_torchvision_and_timm_style_swin_weights_load(tmp_path):

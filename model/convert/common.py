@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from model.checkpoint import load_state
 from model.maskformer import MaskFormer
@@ -36,6 +38,26 @@ def read_torch_file(path: str | Path) -> object:
     """A torch.save file through the weights-only loader: tensors and plain containers, never arbitrary objects."""
     with unreadable_as(path, "torch file"):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tensors_only(data: object, path: str | Path) -> dict[str, torch.Tensor]:
+    """`data` where it maps names to tensors, as a state dict does; an error naming the file otherwise."""
+    if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+        raise ConversionError(f"{path}: not a state dict (names to tensors)")
+    return data
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    with unreadable_as(path, "safetensors file"):
+        return load_file(str(path))
+
+
+def read_json(path: Path) -> dict:
+    with unreadable_as(path, "JSON file"):
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: not a JSON object")
+    return data
 
 
 def rename(state: dict[str, torch.Tensor], rules: Rules, ignore: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -6,16 +6,24 @@ transformers itself is not needed: its config is plain JSON.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from model.classes import available, load_classes
 from model.config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig, MaskFormerConfig
-from model.convert.common import ConversionError, Rules, assemble, merge_qkv, rename
+from model.convert.common import (
+    ConversionError,
+    Rules,
+    assemble,
+    merge_qkv,
+    read_json,
+    read_safetensors,
+    read_torch_file,
+    rename,
+    tensors_only,
+)
 from model.maskformer import MaskFormer, ModelInfo, build_model
 
 log = logging.getLogger(__name__)
@@ -132,7 +140,7 @@ def read_hf_config(src: Path) -> dict:
     cfg_file = src / "config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{src}: no config.json (expected a transformers save_pretrained directory)")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_json(cfg_file)
     if hf.get("model_type") != "maskformer":
         raise ConversionError(f"{cfg_file}: model_type is {hf.get('model_type')!r}, not 'maskformer'")
     return hf
@@ -183,7 +191,7 @@ def config_from_hf(src: Path, hf: dict, class_rows: int) -> tuple[MaskFormerConf
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, (512, 512)
     pre = src / "preprocessor_config.json"
     if pre.is_file():
-        p = json.loads(pre.read_text())
+        p = read_json(pre)
         mean = tuple(255.0 * v for v in p.get("image_mean", [m / 255 for m in IMAGENET_MEAN]))
         std = tuple(255.0 * v for v in p.get("image_std", [s / 255 for s in IMAGENET_STD]))
         size = input_size(p.get("size"), pre) or size
@@ -231,10 +239,9 @@ def normalised(name: str) -> str:
 
 def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
+        return read_safetensors(src / "model.safetensors")
     if (src / "pytorch_model.bin").is_file():
-        # weights_only refuses arbitrary pickled objects: only tensors and plain containers load.
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return tensors_only(read_torch_file(src / "pytorch_model.bin"), src / "pytorch_model.bin")
     raise ConversionError(f"{src}: neither model.safetensors nor pytorch_model.bin found")
 
 
