@@ -51,6 +51,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.classes and args.source != "hf":
         print("error: --classes is for --from hf (a preset or checkpoint has its class list)", file=sys.stderr)
         return 2
+    read = [p for p in convert_inputs(args) if p.resolve() == args.out.resolve()]
+    if read:
+        print(f"error: --out {args.out} is {read[0]}, which the conversion reads; write elsewhere", file=sys.stderr)
+        return 2
     if args.source == "hf":
         from model.convert.hf import convert_hf
 
@@ -72,6 +76,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n / 1e6:.2f} M parameters, {model.cfg.num_classes} classes)")
     return 0
+
+
+def convert_inputs(args: argparse.Namespace) -> list[Path]:
+    """The files a convert reads, which --out must not replace. `--from maskformer` reads its checkpoint whole
+    before writing, so it may re-save one in place (e.g. as --fp16)."""
+    if args.source == "hf":
+        from model.convert.hf import SOURCE_FILES
+
+        return [args.src / name for name in SOURCE_FILES]
+    return [args.src] if args.source == "detectron2" else []
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -159,3 +159,18 @@ def test_unreadable_files_are_one_line_naming_them(tmp_path, capsys):
     (tmp_path / "hf" / "config.json").write_text("{")
     assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'hf' / 'config.json'}: not a readable JSON file")
+
+
+def test_out_may_not_replace_a_file_the_conversion_reads(tmp_path, capsys):
+    small_hf(num_labels=3).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    before = weights.read_bytes()
+    for out in (weights, tmp_path / "hf" / ".." / "hf" / "model.safetensors"):
+        assert convert(tmp_path / "hf", out) == 2
+        assert "which the conversion reads" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+    assert convert(tmp_path / "hf", tmp_path / "m.safetensors") == 0
+    # re-saving one of ours in place reads it whole first, so it stays allowed
+    args = ["convert", "--from", "maskformer", str(tmp_path / "m.safetensors"), "--fp16", "--name", "half"]
+    assert cli([*args, "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert load_model(tmp_path / "m.safetensors").info.name == "half"

@@ -28,6 +28,8 @@ from model.maskformer import MaskFormer, ModelInfo, build_model
 
 log = logging.getLogger(__name__)
 
+SOURCE_FILES = ("config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin")  # all it reads
+
 ENC = r"model\.pixel_level_module\.encoder\."
 FPN = r"model\.pixel_level_module\.decoder\."
 TM = r"model\.transformer_module\."
