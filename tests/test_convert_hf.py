@@ -8,6 +8,8 @@ import torch
 
 from model import load_model
 from model.classes import load_classes
+from model.convert.common import ConversionError
+from model.convert.hf import backbone_from_hf
 from service.cli import main as cli
 
 transformers = pytest.importorskip("transformers")
@@ -174,3 +176,18 @@ def test_out_may_not_replace_a_file_the_conversion_reads(tmp_path, capsys):
     args = ["convert", "--from", "maskformer", str(tmp_path / "m.safetensors"), "--fp16", "--name", "half"]
     assert cli([*args, "--out", str(tmp_path / "m.safetensors")]) == 0
     assert load_model(tmp_path / "m.safetensors").info.name == "half"
+
+
+@pytest.mark.parametrize(
+    "backbone, change, message",
+    [
+        ("resnet", {"hidden_act": "gelu"}, "ResNet backbone with hidden_act='gelu' is not supported"),
+        ("swin", {"hidden_act": "relu"}, "Swin backbone with hidden_act='relu' is not supported"),
+        ("swin", {"layer_norm_eps": 1e-6}, "Swin backbone with layer_norm_eps=1e-06 is not supported"),
+    ],
+)
+def test_backbone_settings_the_converter_would_ignore_are_refused(backbone, change, message):
+    config = (transformers.ResNetConfig() if backbone == "resnet" else transformers.SwinConfig()).to_dict()
+    assert backbone_from_hf(config).kind == backbone  # transformers' defaults are ours
+    with pytest.raises(ConversionError, match=message):
+        backbone_from_hf(config | change)

@@ -108,6 +108,14 @@ IGNORE = [
 ]
 
 
+def refuse_unlike(bc: dict, kind: str, **ours: object) -> None:
+    """Settings our backbone has fixed (a missing one is transformers' default, the same): converting any
+    other value would give a model that loads and computes something else."""
+    for key, value in ours.items():
+        if bc.get(key, value) != value:
+            raise ConversionError(f"{kind} backbone with {key}={bc[key]!r} is not supported (only {value!r})")
+
+
 def backbone_from_hf(bc: dict) -> BackboneConfig:
     kind = bc.get("model_type")
     if kind == "resnet":
@@ -121,10 +129,12 @@ def backbone_from_hf(bc: dict) -> BackboneConfig:
             )
         if bc.get("downsample_in_bottleneck") or bc.get("downsample_in_first_stage"):
             raise ConversionError("ResNet with stride in the 1x1 conv or a strided first stage is not supported")
+        refuse_unlike(bc, "ResNet", hidden_act="relu")
         return BackboneConfig(kind="resnet", block=block, layers=tuple(bc["depths"]))
     if kind in ("swin", "maskformer-swin"):
         if bc.get("use_absolute_embeddings"):
             raise ConversionError("Swin with absolute position embeddings is not supported")
+        refuse_unlike(bc, "Swin", hidden_act="gelu", layer_norm_eps=1e-5)
         return BackboneConfig(
             kind="swin",
             embed_dim=bc["embed_dim"],
