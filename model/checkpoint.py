@@ -45,7 +45,7 @@ def save_model(model: MaskFormer, path: str | Path, dtype: torch.dtype | None = 
     for key, value in model.state_dict().items():
         value = value.detach().cpu()
         if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
+            value = cast(key, value, dtype)
         tensors[key] = value.contiguous()
     info = model.info
     metadata = {
@@ -65,6 +65,16 @@ def save_model(model: MaskFormer, path: str | Path, dtype: torch.dtype | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(tensors, metadata, path)
     return path
+
+
+def cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`value` in `dtype`, refused where a finite value does not fit (in float16, above 65504 becomes inf)."""
+    out = value.to(dtype)
+    finite = torch.isfinite(value)
+    if (finite & ~torch.isfinite(out)).any():
+        largest = value[finite].abs().max().item()
+        raise ValueError(f"{key} holds values beyond {dtype}'s range (up to {largest:.6g}); store it in float32")
+    return out
 
 
 def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:

@@ -198,3 +198,19 @@ def test_registry_problems_name_the_file(tmp_path, registry, message):
     with pytest.raises((CheckpointError, FileNotFoundError), match=message) as err:
         default_weights(tmp_path)
     assert str(tmp_path) in str(err.value)
+
+
+def test_fp16_refuses_weights_it_would_turn_into_inf(saved, tmp_path, capsys):
+    model, path = saved
+    with torch.no_grad():
+        model.class_embed.weight[0, 0] = 1e5  # float16 tops out at 65504
+    with pytest.raises(
+        ValueError, match=r"class_embed.weight holds values beyond torch.float16's range \(up to 100000\)"
+    ):
+        save_model(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert not (tmp_path / "half.safetensors").exists()
+    save_model(model, path)
+    assert (
+        cli(["convert", "--from", "maskformer", str(path), "--fp16", "--out", str(tmp_path / "half.safetensors")]) == 2
+    )
+    assert "store it in float32" in capsys.readouterr().err
