@@ -11,13 +11,11 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from model.checkpoint import save_model
 from model.criterion import SetCriterion
 from model.maskformer import MaskFormer
+from model.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -118,23 +117,6 @@ def param_groups(model: MaskFormer, cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": json.dumps(np.random.get_state(legacy=True)[1].tolist()),  # type: ignore[index]
-        "python": json.dumps(random.getstate()[1]),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(json.loads(state["python"])), None))
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or amp == "none":
         return None
@@ -181,13 +163,7 @@ def train(
     step = 0
     state_path = out / "last.pt"
     if resume:
-        # weights_only: tensors and plain containers only, nothing executable
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        set_rng_state(state["rng"])
+        step = load_state(resume, model, optimizer, scheduler)
         log.info("resumed from %s at step %d", resume, step)
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # trainable BN (from-scratch presets) sees the global batch
@@ -244,7 +220,7 @@ def train(
             progress.set_postfix(loss=last["loss"])
             _log(metrics_file, writer, last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
-            _save_state(state_path, model, optimizer, scheduler, step)
+            save_state(state_path, model, optimizer, scheduler, step)
         if (
             evaluate is not None
             and rank == 0
@@ -263,19 +239,6 @@ def train(
     if world > 1:
         dist.barrier()
     return last
-
-
-def _save_state(path: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "rng": rng_state(),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _tensorboard(out: Path):
