@@ -3,7 +3,6 @@ a run exactly where it stopped."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -13,11 +12,15 @@ from torch import nn
 
 
 def rng_state() -> dict:
+    # numpy's and Python's states whole (key, position and cached Gaussian), as lists and numbers, which
+    # torch.load(weights_only=True) reads back (numpy arrays it would refuse)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": json.dumps(np.random.get_state(legacy=True)[1].tolist()),  # type: ignore[index]
-        "python": json.dumps(random.getstate()[1]),
+        "numpy": [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
     }
 
 
@@ -25,8 +28,10 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(json.loads(state["python"])), None))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def save_state(path: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
