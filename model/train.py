@@ -160,16 +160,17 @@ def train(
     criterion = SetCriterion(model.cfg.num_classes, ce_weight=cfg.ce_weight).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     step = 0
     state_path = out / "last.pt"
     if resume:
-        step = load_state(resume, model, optimizer, scheduler)
+        step = load_state(resume, parts)
         log.info("resumed from %s at step %d", resume, step)
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # trainable BN (from-scratch presets) sees the global batch
     net: nn.Module = DistributedDataParallel(model) if world > 1 else model
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     end = cfg.stop_at or cfg.steps
     sampler = StepSampler(len(train_set), cfg.batch_size, cfg.seed, step, end, rank, world)  # type: ignore[arg-type]
@@ -220,7 +221,7 @@ def train(
             progress.set_postfix(loss=last["loss"])
             _log(metrics_file, writer, last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
-            save_state(state_path, model, optimizer, scheduler, step)
+            save_state(state_path, step, parts)
         if (
             evaluate is not None
             and rank == 0

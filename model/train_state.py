@@ -1,5 +1,5 @@
-"""The training state in RUN/last.pt: weights, optimizer, scheduler, step and RNG states, enough to resume
-a run exactly where it stopped."""
+"""The training state in RUN/last.pt: weights, optimizer, scheduler, GradScaler, step and RNG states,
+enough to resume a run exactly where it stopped."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 
 def rng_state() -> dict:
@@ -34,25 +33,22 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_state(path: Path, model: nn.Module, optimizer, scheduler, step: int) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "step": step,
-        "rng": rng_state(),
-    }
+def save_state(path: Path, step: int, parts: dict) -> None:
+    """`parts`: the objects with a state_dict() to keep (model, optimizer, scheduler, scaler)."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(step=step, rng=rng_state())
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def load_state(path: str | Path, model: nn.Module, optimizer, scheduler) -> int:
+def load_state(path: str | Path, parts: dict) -> int:
     """Restore a save_state() file into these objects; returns its step."""
     # weights_only: tensors and plain containers only, nothing executable
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, part in parts.items():
+        # an fp16 run's GradScaler resumes at its scale; a state from a run without one (empty) starts afresh
+        if name != "scaler" or state.get(name):
+            part.load_state_dict(state[name])
     set_rng_state(state["rng"])
     return int(state["step"])

@@ -18,7 +18,7 @@ from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
 from model.evaluation import evaluate_panoptic_dataset
 from model.train import TrainConfig, train
-from model.train_state import rng_state, set_rng_state
+from model.train_state import load_state, rng_state, save_state, set_rng_state
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +82,21 @@ def test_numpy_and_python_rng_states_are_restored_exactly(tmp_path):
     random.seed(2)
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # as last.pt is read
     assert draws() == expected
+
+
+def test_an_fp16_runs_grad_scaler_resumes_at_its_scale(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(torch.ones(()))
+    scaler.update(new_scale=1024.0)  # where a few overflows leave it
+    save_state(tmp_path / "last.pt", 7, {"scaler": scaler})
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert load_state(tmp_path / "last.pt", {"scaler": resumed}) == 7
+    assert resumed.get_scale() == 1024.0
+    # a state from a run without fp16 (an empty scaler state) leaves a new fp16 run at the initial scale
+    save_state(tmp_path / "bf16.pt", 7, {"scaler": torch.amp.GradScaler("cpu", enabled=False)})
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    load_state(tmp_path / "bf16.pt", {"scaler": fresh})
+    assert fresh.get_scale() == 2.0**16
 
 
 def test_overfits_a_handful_of_images(shapes, tmp_path):
