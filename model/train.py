@@ -96,7 +96,8 @@ class SeededDataset(Dataset):
 
 
 def param_groups(model: MaskFormer, cfg: TrainConfig) -> list[dict]:
-    """Backbone at lr x backbone_lr_mult; no weight decay on norms, embeddings and position-bias tables."""
+    """Backbone at lr x backbone_lr_mult; no weight decay on norms, embeddings and position-bias tables.
+    Groups are named (head, head_no_decay, backbone, backbone_no_decay) so logs can find them."""
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.Embedding)):
@@ -110,11 +111,17 @@ def param_groups(model: MaskFormer, cfg: TrainConfig) -> list[dict]:
     return [
         {
             "params": params,
+            "name": ("backbone" if backbone else "head") + ("" if decay else "_no_decay"),
             "lr": cfg.lr * (cfg.backbone_lr_mult if backbone else 1.0),
             "weight_decay": cfg.weight_decay if decay else 0.0,
         }
         for (backbone, decay), params in sorted(groups.items())
     ]
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The lr of the head (`lr`) and of the backbone (`lr_backbone`) as they are now."""
+    return {("lr_backbone" if g["name"].startswith("backbone") else "lr"): g["lr"] for g in optimizer.param_groups}
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -201,6 +208,7 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        lrs = group_lrs(optimizer)  # the step just taken's, before the scheduler moves them on
         scheduler.step()
         step += 1
         progress.update()
@@ -217,7 +225,7 @@ def train(
             n = running.pop("n")
             last = {k: round(v / n, 5) for k, v in running.items()}
             running.clear()
-            last.update(step=step, lr=scheduler.get_last_lr()[-1], elapsed_s=round(time.time() - started, 1))
+            last.update(step=step, **lrs, elapsed_s=round(time.time() - started, 1))
             progress.set_postfix(loss=last["loss"])
             _log(metrics_file, writer, last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):

@@ -68,6 +68,17 @@ def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
 
 
+def test_the_log_gives_the_head_and_backbone_lr_of_each_step_taken(shapes, tmp_path):
+    cfg = TrainConfig(
+        out_dir=str(tmp_path), steps=2, batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=0.1, log_every=1
+    )
+    train(tiny_model(64), dataset(shapes, 64), cfg, collate)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    poly = [1.0, 0.5**0.9]  # (1 - step / steps) ** 0.9 at the steps taken, 0 and 1
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in poly])
+    assert [r["lr_backbone"] for r in log] == pytest.approx([1e-4 * f for f in poly])
+
+
 def draws() -> tuple:
     return np.random.standard_normal(3).tolist(), np.random.randint(0, 1000, 5).tolist(), random.gauss(0, 1)
 
