@@ -1,5 +1,6 @@
-"""Training: the official recipe (AdamW, backbone lr x0.1, poly schedule, full-model gradient clipping),
-DDP through torchrun, mixed precision on GPU, exact resume, periodic evaluation and a JSON-lines log.
+"""Training: the official recipe (AdamW, backbone lr multiplier, poly schedule after an optional linear
+warm-up, full-model gradient clipping), DDP through torchrun, mixed precision on GPU, exact resume,
+periodic evaluation and a JSON-lines log.
 
 Data order and augmentation are functions of (seed, step), so a resumed run sees exactly the batches an
 uninterrupted one would, whatever the number of data-loader workers.
@@ -41,6 +42,8 @@ class TrainConfig:
     clip_grad_norm: float = 0.01
     ce_weight: float = 1.0  # classification loss weight (the official 1; focal 20 and dice 1 stay fixed)
     poly_power: float = 0.9
+    warmup_steps: int = 0  # linear warm-up (the official Swin configs: 1500 steps from lr x 1e-6)
+    warmup_factor: float = 1e-6
     amp: str = "auto"  # "auto" (bf16 on GPUs that have it, else fp16), "bf16", "fp16", "none"
     num_workers: int = 2
     seed: int = 0
@@ -119,6 +122,16 @@ def param_groups(model: MaskFormer, cfg: TrainConfig) -> list[dict]:
     ]
 
 
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """detectron2's WarmupPolyLR: the poly decay, times a linear ramp from warmup_factor to 1 over the
+    first warmup_steps steps."""
+    poly = max(0.0, 1 - step / cfg.steps) ** cfg.poly_power
+    if step >= cfg.warmup_steps:
+        return poly
+    alpha = step / cfg.warmup_steps
+    return poly * (cfg.warmup_factor * (1 - alpha) + alpha)
+
+
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """The lr of the head (`lr`) and of the backbone (`lr_backbone`) as they are now."""
     return {("lr_backbone" if g["name"].startswith("backbone") else "lr"): g["lr"] for g in optimizer.param_groups}
@@ -166,7 +179,7 @@ def train(
     model.to(device).train()
     criterion = SetCriterion(model.cfg.num_classes, ce_weight=cfg.ce_weight).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}

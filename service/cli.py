@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from service.cli_types import at_least_0
 from service.commands_bench import add_parser as add_bench_parser
 from service.commands_predict import add_parser as add_predict_parser
 from service.commands_soak import add_parser as add_soak_parser
@@ -266,7 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="global batch size")
     p.add_argument("--lr", type=float, help="default: 1e-4, or 6e-5 for Swin (the official configs)")
     p.add_argument("--weight-decay", type=float, help="default: 1e-4, or 0.01 for Swin")
-    p.add_argument("--backbone-lr-mult", type=float, default=0.1)
+    p.add_argument("--backbone-lr-mult", type=float, help="default: 0.1, or 1.0 for Swin")
+    p.add_argument(
+        "--warmup-steps",
+        type=at_least_0(int),
+        help="linear lr warm-up from lr x 1e-6 over this many steps; default: 0, or 1500 for Swin",
+    )
     p.add_argument("--clip-grad-norm", type=float, default=0.01)
     p.add_argument("--ce-weight", type=float, default=1.0, help="classification loss weight (official: 1)")
     p.add_argument("--crop", type=int, help="square training crop (default: the preset's input size)")

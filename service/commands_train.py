@@ -17,6 +17,17 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+# The official configs' optimiser settings per backbone kind; each flag given overrides its entry.
+RECIPES = {
+    "resnet": {"lr": 1e-4, "weight_decay": 1e-4, "backbone_lr_mult": 0.1, "warmup_steps": 0},
+    "swin": {"lr": 6e-5, "weight_decay": 0.01, "backbone_lr_mult": 1.0, "warmup_steps": 1500},
+}
+
+
+def recipe(args: argparse.Namespace, backbone: str) -> dict:
+    return {k: default if getattr(args, k) is None else getattr(args, k) for k, default in RECIPES[backbone].items()}
+
+
 def _dataset(fmt: str, root: Path, split: str, transforms=None):
     """coco-panoptic: images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout
     `data shapes` writes). ade20k: the ADEChallengeData2016 folder (splits training, validation)."""
@@ -63,14 +74,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         def evaluate(m):  # noqa: F811 - rebinds the optional callback
             return evaluate_panoptic_dataset(m, val_set, limit=args.eval_images)["summary"]
 
-    swin = model.cfg.backbone.kind == "swin"
     tc = TrainConfig(
         out_dir=str(args.out),
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else (6e-5 if swin else 1e-4),
-        weight_decay=args.weight_decay if args.weight_decay is not None else (0.01 if swin else 1e-4),
-        backbone_lr_mult=args.backbone_lr_mult,
+        **recipe(args, model.cfg.backbone.kind),
         clip_grad_norm=args.clip_grad_norm,
         ce_weight=args.ce_weight,
         amp=args.amp,

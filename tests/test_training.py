@@ -17,8 +17,10 @@ from model.data.coco_panoptic import CocoPanoptic, collate
 from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
 from model.evaluation import evaluate_panoptic_dataset
-from model.train import TrainConfig, train
+from model.train import TrainConfig, lr_factor, train
 from model.train_state import load_state, rng_state, save_state, set_rng_state
+from service.cli import build_parser
+from service.commands_train import recipe
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +71,33 @@ def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
 
 
 def test_the_log_gives_the_head_and_backbone_lr_of_each_step_taken(shapes, tmp_path):
-    cfg = TrainConfig(
-        out_dir=str(tmp_path), steps=2, batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=0.1, log_every=1
-    )
+    common = dict(batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=0.1, log_every=1)
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=3, warmup_steps=2, **common)
     train(tiny_model(64), dataset(shapes, 64), cfg, collate)
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    poly = [1.0, 0.5**0.9]  # (1 - step / steps) ** 0.9 at the steps taken, 0 and 1
-    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in poly])
-    assert [r["lr_backbone"] for r in log] == pytest.approx([1e-4 * f for f in poly])
+    # steps 0, 1, 2: (1 - step / 3) ** 0.9 times the warm-up ramp from 1e-6 over 2 steps
+    factors = [1e-6, (1 - 1 / 3) ** 0.9 * (0.5e-6 + 0.5), (1 - 2 / 3) ** 0.9]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in factors])
+    assert [r["lr_backbone"] for r in log] == pytest.approx([1e-4 * f for f in factors])
+
+
+def test_linear_warmup_then_poly_as_detectron2s_warmup_poly_lr():
+    cfg = TrainConfig(out_dir="-", steps=10_000, warmup_steps=1500, warmup_factor=1e-6)
+    poly = [(1 - s / 10_000) ** 0.9 for s in (0, 750, 1500, 5000)]
+    ramp = [1e-6, 1e-6 * 0.5 + 0.5, 1.0, 1.0]
+    assert [lr_factor(s, cfg) for s in (0, 750, 1500, 5000)] == pytest.approx([p * r for p, r in zip(poly, ramp)])
+    assert lr_factor(750, TrainConfig(out_dir="-", steps=10_000)) == pytest.approx(poly[1])  # no warm-up
+
+
+def test_swin_trains_with_the_official_swin_recipe():
+    def parsed(*flags: str):
+        return build_parser().parse_args(["train", "--data", "d", "--out", "o", *flags])
+
+    # MaskFormer's Swin configs: lr 6e-5, weight decay 0.01, backbone multiplier 1.0, 1500 warm-up steps
+    assert recipe(parsed(), "swin") == dict(lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0, warmup_steps=1500)
+    assert recipe(parsed(), "resnet") == dict(lr=1e-4, weight_decay=1e-4, backbone_lr_mult=0.1, warmup_steps=0)
+    given = recipe(parsed("--backbone-lr-mult", "0.5", "--warmup-steps", "0", "--lr", "1e-3"), "swin")
+    assert given == dict(lr=1e-3, weight_decay=0.01, backbone_lr_mult=0.5, warmup_steps=0)
 
 
 def draws() -> tuple:
