@@ -3,11 +3,16 @@ enough to resume a run exactly where it stopped."""
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+# 2: numpy's and Python's RNG states whole, the GradScaler's state, named optimizer param groups
+STATE_VERSION = 2
 
 
 def rng_state() -> dict:
@@ -36,16 +41,54 @@ def set_rng_state(state: dict) -> None:
 def save_state(path: Path, step: int, parts: dict) -> None:
     """`parts`: the objects with a state_dict() to keep (model, optimizer, scheduler, scaler)."""
     state = {name: part.state_dict() for name, part in parts.items()}
-    state.update(step=step, rng=rng_state())
+    state.update(step=step, rng=rng_state(), version=STATE_VERSION)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
+def read_state(path: str | Path) -> dict:
+    """A save_state() file, or a ValueError that says what the file is instead."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} holds model weights, not a training state: --resume takes RUN/last.pt")
+    try:
+        # weights_only: tensors and plain containers only, nothing executable
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a training state (RUN/last.pt): {err}") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path} is not a training state (RUN/last.pt)")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(
+            f"{path} is a training state of version {state.get('version', 1)}; this version resumes only "
+            f"version {STATE_VERSION}"
+        )
+    return state
+
+
+def check_fits(path: str | Path, saved: dict, model: nn.Module) -> None:
+    """The weights in `saved` have the names and shapes of `model`'s, else a ValueError naming them."""
+    here = model.state_dict()
+    problems = [f"{k} missing" for k in here if k not in saved]
+    problems += [f"{k} not in this model" for k in saved if k not in here]
+    problems += [
+        f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here"
+        for k, v in here.items()
+        if k in saved and saved[k].shape != v.shape
+    ]
+    if problems:
+        raise ValueError(
+            f"{path} is the training state of another model (another preset or class list): "
+            f"{len(problems)} weights differ, e.g. {'; '.join(problems[:3])}"
+        )
+
+
 def load_state(path: str | Path, parts: dict) -> int:
     """Restore a save_state() file into these objects; returns its step."""
-    # weights_only: tensors and plain containers only, nothing executable
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state(path)
+    if "model" in parts:
+        check_fits(path, state["model"], parts["model"])
     for name, part in parts.items():
         # an fp16 run's GradScaler resumes at its scale; a state from a run without one (empty) starts afresh
         if name != "scaler" or state.get(name):

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model import ModelInfo, build_model, load_model
+from model import ModelInfo, build_model, load_model, save_model
 from model.data.coco_panoptic import CocoPanoptic, collate
 from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
@@ -129,6 +130,25 @@ def test_an_fp16_runs_grad_scaler_resumes_at_its_scale(tmp_path):
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     load_state(tmp_path / "bf16.pt", {"scaler": fresh})
     assert fresh.get_scale() == 2.0**16
+
+
+def test_resuming_from_what_is_not_this_models_training_state_says_why(tmp_path):
+    model = tiny_model(64)
+    save_model(model, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors holds model weights, not a training state"):
+        load_state(tmp_path / "model.safetensors", {"model": model})
+    (tmp_path / "notes.pt").write_text("not a pickle")
+    with pytest.raises(ValueError, match="notes.pt is not a training state"):
+        load_state(tmp_path / "notes.pt", {"model": model})
+    other = build_model(replace(tiny_config(64), num_classes=3), ModelInfo("other", NAMES[:3], ISTHING[:3]))
+    save_state(tmp_path / "last.pt", 3, {"model": other})
+    with pytest.raises(ValueError, match=r"last.pt is the training state of another model .*class_embed.weight is"):
+        load_state(tmp_path / "last.pt", {"model": model})
+    old = torch.load(tmp_path / "last.pt", weights_only=True)
+    del old["version"]  # as written before version 2 (RNG states in another form)
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="old.pt is a training state of version 1"):
+        load_state(tmp_path / "old.pt", {"model": other})
 
 
 def test_overfits_a_handful_of_images(shapes, tmp_path):
