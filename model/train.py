@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from model.checkpoint import save_model
 from model.criterion import SetCriterion
 from model.maskformer import MaskFormer
+from model.train_log import RunLog, claim_folder
 from model.train_state import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class TrainConfig:
     num_workers: int = 2
     seed: int = 0
     eval_every: int = 0  # steps; 0 = only at the end
+    overwrite: bool = False  # a fresh run into a folder holding another run's log or state replaces them
     stop_at: int = 0  # end this run early at this step (saving the training state); 0 = run to `steps`
     checkpoint_every: int = 1000
     log_every: int = 20
@@ -172,6 +174,8 @@ def train(
 
     rank, world, device = setup_distributed()
     out = Path(cfg.out_dir)
+    if not resume:
+        claim_folder(out, cfg.overwrite, delete=rank == 0)  # every rank refuses, so none waits for the others
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -203,8 +207,7 @@ def train(
         persistent_workers=cfg.num_workers > 0,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
     )
-    metrics_file = (out / "metrics.jsonl").open("a") if rank == 0 else None
-    writer = _tensorboard(out) if rank == 0 else None
+    run_log = RunLog(out, step if resume else None, enabled=rank == 0)
     last: dict = {}
     running: dict[str, float] = {}  # summed since the last log line, so logged losses are interval means
     progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
@@ -240,7 +243,7 @@ def train(
             running.clear()
             last.update(step=step, **lrs, elapsed_s=round(time.time() - started, 1))
             progress.set_postfix(loss=last["loss"])
-            _log(metrics_file, writer, last)
+            run_log.write(last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
             save_state(state_path, step, parts)
         if (
@@ -251,32 +254,12 @@ def train(
             model.eval()
             result = {"step": step, **evaluate(model)}
             model.train()
-            _log(metrics_file, writer, result)
+            run_log.write(result)
             last.update(result)
     progress.close()
     if rank == 0:
         save_model(model.eval(), out / "model.safetensors")
-        if metrics_file:
-            metrics_file.close()
+    run_log.close()
     if world > 1:
         dist.barrier()
     return last
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _log(file, writer, record: dict) -> None:
-    if file is not None:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, record["step"])
-    log.debug("%s", record)

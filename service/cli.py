@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name stored in the checkpoint")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
     p.add_argument("--resume", type=Path, help="resume from a last.pt training state")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out that holds another run, deleting its metrics.jsonl, tensorboard/ and last.pt",
+    )
     p.add_argument("--backbone-weights", type=Path, help="local ImageNet weights (torchvision or timm state dict)")
     p.add_argument("--steps", type=int, default=160_000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch size")

@@ -86,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
+        overwrite=args.overwrite,
     )
     last = train(model, train_set, tc, collate, evaluate=evaluate, resume=args.resume)
     print(json.dumps(last))

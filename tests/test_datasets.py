@@ -117,8 +117,13 @@ def test_data_train_eval_commands(tmp_path, capsys):
     assert last["step"] == 2 and "PQ" in last and "mIoU" in last
     # continue from the checkpoint; without --preset or --init there is nothing to train
     more = ["--data", str(data), "--steps", "1", "--batch-size", "2", "--workers", "0", "--crop", "64"]
-    assert cli(["train", "--init", str(out / "model.safetensors"), "--out", str(tmp_path / "more"), *more]) == 0
+    init = ["--init", str(out / "model.safetensors"), "--out", str(tmp_path / "more")]
+    assert cli(["train", *init, *more]) == 0
     assert (tmp_path / "more" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert cli(["train", *init, *more]) == 2  # a fresh run into a run's folder
+    assert "holds another run (metrics.jsonl, last.pt)" in capsys.readouterr().err
+    assert cli(["train", *init, *more, "--overwrite"]) == 0
     assert cli(["train", "--out", str(tmp_path / "none"), *more]) == 2
     capsys.readouterr()
     report = tmp_path / "report.json"

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -149,6 +150,42 @@ def test_resuming_from_what_is_not_this_models_training_state_says_why(tmp_path)
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="old.pt is a training state of version 1"):
         load_state(tmp_path / "old.pt", {"model": other})
+
+
+class FakeWriter:
+    opened: list = []
+
+    def __init__(self, logdir: str, purge_step: int | None = None) -> None:
+        self.opened.append(purge_step)
+
+    def add_scalar(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_run_resumed_after_a_crash_logs_each_step_once(shapes, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", type(sys)("tb"))
+    monkeypatch.setattr(sys.modules["torch.utils.tensorboard"], "SummaryWriter", FakeWriter, raising=False)
+    FakeWriter.opened = []
+    data, run = dataset(shapes, 64), tmp_path / "run"
+    common = dict(out_dir=str(run), steps=5, batch_size=2, num_workers=0, log_every=1, checkpoint_every=100)
+    train(tiny_model(64), data, TrainConfig(stop_at=2, **common), collate)
+    shutil.copy(run / "last.pt", tmp_path / "step2.pt")
+    train(tiny_model(64), data, TrainConfig(stop_at=4, **common), collate, resume=run / "last.pt")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"loss": 1.0, "st')  # the crash cut the last line short
+    # the run crashed after step 4; its last checkpoint was step 2's
+    train(tiny_model(64), data, TrainConfig(**common), collate, resume=tmp_path / "step2.pt")
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert FakeWriter.opened == [None, 3, 3]  # TensorBoard hides the events past the resumed step
+
+    with pytest.raises(FileExistsError, match="holds another run .*metrics.jsonl, last.pt.*--overwrite"):
+        train(tiny_model(64), data, TrainConfig(**common), collate)
+    train(tiny_model(64), data, TrainConfig(overwrite=True, **{**common, "steps": 1}), collate)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_overfits_a_handful_of_images(shapes, tmp_path):
