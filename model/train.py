@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ class TrainConfig:
     stop_at: int = 0  # end this run early at this step (saving the training state); 0 = run to `steps`
     checkpoint_every: int = 1000
     log_every: int = 20
+    dist_timeout_min: float = 180.0  # DDP collectives and barriers; rank 0's evaluations must end within it
     extra: dict = field(default_factory=dict)
 
 
@@ -147,8 +149,9 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """rank, world size and device; initialises the process group when launched by torchrun."""
+def setup_distributed(timeout: timedelta) -> tuple[int, int, torch.device]:
+    """rank, world size and device; initialises the process group when launched by torchrun. `timeout` bounds
+    every collective, barriers included: the other ranks wait that long for rank 0's evaluation."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -157,8 +160,13 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world, device
+
+
+def barrier(world: int, device: torch.device) -> None:
+    if world > 1:
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train(
@@ -169,10 +177,11 @@ def train(
     evaluate=None,
     resume: str | Path | None = None,
 ) -> dict:
-    """Train `model` in place; returns the last metrics. `evaluate(model) -> dict` runs on rank 0."""
+    """Train `model` in place; returns the last metrics. `evaluate(model) -> dict` runs on rank 0 (give it
+    on every rank: the others wait for it at a barrier)."""
     from tqdm import tqdm
 
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(timedelta(minutes=cfg.dist_timeout_min))
     out = Path(cfg.out_dir)
     if not resume:
         claim_folder(out, cfg.overwrite, delete=rank == 0)  # every rank refuses, so none waits for the others
@@ -246,20 +255,17 @@ def train(
             run_log.write(last)
         if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
             save_state(state_path, step, parts)
-        if (
-            evaluate is not None
-            and rank == 0
-            and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps)
-        ):
-            model.eval()
-            result = {"step": step, **evaluate(model)}
-            model.train()
-            run_log.write(result)
-            last.update(result)
+        if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            if rank == 0:
+                model.eval()
+                result = {"step": step, **evaluate(model)}
+                model.train()
+                run_log.write(result)
+                last.update(result)
+            barrier(world, device)  # the other ranks wait here, not in the next step's all-reduce
     progress.close()
     if rank == 0:
         save_model(model.eval(), out / "model.safetensors")
     run_log.close()
-    if world > 1:
-        dist.barrier()
+    barrier(world, device)
     return last

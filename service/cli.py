@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from service.cli_types import at_least_0
+from service.cli_types import at_least_0, positive
 from service.commands_bench import add_parser as add_bench_parser
 from service.commands_predict import add_parser as add_predict_parser
 from service.commands_soak import add_parser as add_soak_parser
@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument(
+        "--dist-timeout",
+        type=positive(float),
+        default=180.0,
+        metavar="MIN",
+        help="DDP: minutes a process waits for the others, e.g. for rank 0's evaluation (default: 180)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="PQ/SQ/RQ and mIoU of a checkpoint on a COCO-panoptic-format split")

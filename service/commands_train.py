@@ -87,6 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         overwrite=args.overwrite,
+        dist_timeout_min=args.dist_timeout,
     )
     last = train(model, train_set, tc, collate, evaluate=evaluate, resume=args.resume)
     print(json.dumps(last))

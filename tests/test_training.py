@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from model.data.coco_panoptic import CocoPanoptic, collate
 from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
 from model.evaluation import evaluate_panoptic_dataset
-from model.train import TrainConfig, lr_factor, train
+from model.train import TrainConfig, lr_factor, setup_distributed, train
 from model.train_state import load_state, rng_state, save_state, set_rng_state
 from service.cli import build_parser
 from service.commands_train import recipe
@@ -245,10 +246,29 @@ def test_ddp_with_two_cpu_processes(shapes, tmp_path):
         "1",
         "--max-scale",
         "1",
+        *("--val-split", "train", "--eval-images", "2", "--eval-every", "2", "--dist-timeout", "5"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_file(str(out / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "PQ" in r] == [2, 3]  # rank 0 evaluated while rank 1 waited
+    assert log[-1]["step"] == 3
+
+
+def test_ddp_waits_as_long_as_told(monkeypatch):
+    """The process group's timeout bounds the other ranks' wait for rank 0's evaluation (NCCL's default is
+    10 minutes), so it is ours: 180 minutes unless --dist-timeout says otherwise."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: calls.append((a, kw)))
+    assert setup_distributed(timedelta(minutes=180)) == (1, 2, torch.device("cpu"))
+    assert calls == [(("gloo",), {"timeout": timedelta(minutes=180)})]
+    assert TrainConfig(out_dir="-").dist_timeout_min == 180
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--dist-timeout", "600"])
+    assert args.dist_timeout == 600
