@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="coco-panoptic",
         help="coco-panoptic: the layout `data shapes` writes; ade20k: ADEChallengeData2016",
     )
-    p.add_argument("--train-split", default="train")
+    p.add_argument("--train-split", help="default: train (coco-panoptic), training (ade20k)")
     p.add_argument("--val-split", help="evaluate on this split during and after training")
     p.add_argument("--eval-images", type=int, help="evaluate on the first N validation images only")
     p.add_argument("--out", type=Path, required=True, help="output folder: model.safetensors, last.pt, metrics.jsonl")
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="dataset root (see --format)")
     p.add_argument("--format", choices=["coco-panoptic", "ade20k"], default="coco-panoptic")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", help="default: val (coco-panoptic), validation (ade20k)")
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(

@@ -28,18 +28,20 @@ def recipe(args: argparse.Namespace, backbone: str) -> dict:
     return {k: default if getattr(args, k) is None else getattr(args, k) for k, default in RECIPES[backbone].items()}
 
 
-def _dataset(fmt: str, root: Path, split: str, transforms=None):
+# the default (train, validation) split names of each --format
+SPLITS = {"coco-panoptic": ("train", "val"), "ade20k": ("training", "validation")}
+
+
+def _dataset(fmt: str, root: Path, split: str):
     """coco-panoptic: images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout
     `data shapes` writes). ade20k: the ADEChallengeData2016 folder (splits training, validation)."""
     if fmt == "ade20k":
         from model.data.ade20k import ADE20K
 
-        return ADE20K(root, split, transforms)
+        return ADE20K(root, split)
     from model.data.coco_panoptic import CocoPanoptic
 
-    return CocoPanoptic(
-        root / "images" / split, root / f"panoptic_{split}.json", root / f"panoptic_{split}", transforms
-    )
+    return CocoPanoptic.from_root(root, split)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -50,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not (args.preset or args.init):
         raise ValueError("train needs --preset (a new model) or --init (a checkpoint to start from)")
-    train_set = _dataset(args.format, args.data, args.train_split)
+    train_set = _dataset(args.format, args.data, args.train_split or SPLITS[args.format][0])
     if args.init:
         model = load_model(args.init).train()
     else:
@@ -103,14 +105,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model = load_model(args.weights)
     names = model.info.class_names if model.info else []
-    dataset = _dataset(args.format, args.data, args.split)
+    split = args.split or SPLITS[args.format][1]
+    dataset = _dataset(args.format, args.data, split)
     if dataset.class_names != names:
         raise ValueError(f"the data's classes {dataset.class_names} are not the model's {names}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = prepare_for_inference(model, device, args.precision)
     report = evaluate_panoptic_dataset(model, dataset, args.limit, args.batch_size, args.precision)
     digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()
-    report = {"weights": args.weights.name, "weights_sha256": digest, "split": args.split, **report}
+    report = {"weights": args.weights.name, "weights_sha256": digest, "split": split, **report}
     report["precision"], report["device"] = args.precision, device.type
     report["per_class_iou"] = dict(zip(names, report["per_class_iou"]))
     s = report["summary"]

@@ -41,6 +41,24 @@ def test_ade20k_gives_one_mask_per_class_and_ignores_zero(tmp_path):
         ADE20K(tmp_path / "nope")
 
 
+def test_each_format_has_its_own_split_names_and_a_missing_split_lists_those_there(tmp_path, capsys):
+    ade = fake_ade(tmp_path / "ADEChallengeData2016")
+    run = ["--workers", "0", "--crop", "64", "--steps", "1", "--batch-size", "2"]
+    tiny_ade = ["train", "--preset", "r10-tiny-ade20k", "--format", "ade20k", "--data", str(ade), *run]
+    assert cli([*tiny_ade, "--out", str(tmp_path / "run")]) == 0  # no --train-split: training
+    weights = ["--weights", str(tmp_path / "run" / "model.safetensors")]
+    assert cli(["eval", *weights, "--data", str(ade), "--format", "ade20k"]) == 0  # no --split: validation
+    capsys.readouterr()
+    assert cli([*tiny_ade, "--out", str(tmp_path / "run2"), "--train-split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "has no split 'train': the folders in annotations/ are training, validation" in err, err
+    shapes = tmp_path / "shapes"
+    assert cli(["data", "shapes", "--out", str(shapes), "--train", "1", "--val", "1"]) == 0
+    capsys.readouterr()
+    assert cli(["eval", *weights, "--data", str(shapes), "--split", "val2017"]) == 2
+    assert "has no split 'val2017' (no panoptic_val2017.json); the splits there: train, val" in capsys.readouterr().err
+
+
 def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path):
     ref = resnet18()
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
@@ -143,9 +161,8 @@ def test_data_train_eval_commands(tmp_path, capsys):
                 str(ade),
                 "--format",
                 "ade20k",
-                "--split",
-                "validation",
             ]
         )
         == 2
     )
+    assert "the data's classes" in capsys.readouterr().err

@@ -15,6 +15,18 @@ from model.classes import load_classes
 from model.data.transforms import make_sample
 
 
+def _missing(root: Path, split: str) -> str:
+    """What is wrong with root for this split, and which splits it has."""
+    layout = "expected the ADEChallengeData2016 layout: images/<split>/, annotations/<split>/"
+    if not root.is_dir():
+        return f"{root} not found ({layout})"
+    if (root / "annotations" / split).is_dir():
+        return f"{root} has annotations/{split}/ but no images/{split}/ ({layout})"
+    ann = root / "annotations"
+    found = sorted(p.name for p in ann.iterdir() if p.is_dir()) if ann.is_dir() else []
+    return f"{root} has no split {split!r}: the folders in annotations/ are {', '.join(found) or 'none'} ({layout})"
+
+
 class ADE20K(Dataset):
     """Items are (image [3, H, W] float 0..255, target) like CocoPanoptic's; `load` gives the raw
     (image, id map, segments) the evaluator reads, with one segment per class present (id = class + 1)."""
@@ -22,8 +34,8 @@ class ADE20K(Dataset):
     def __init__(self, root: str | Path, split: str = "training", transforms: v2.Transform | None = None) -> None:
         root = Path(root)
         self.image_dir, self.ann_dir = root / "images" / split, root / "annotations" / split
-        if not self.ann_dir.is_dir():
-            raise FileNotFoundError(f"{self.ann_dir} not found (expected the ADEChallengeData2016 layout)")
+        if not (self.image_dir.is_dir() and self.ann_dir.is_dir()):
+            raise FileNotFoundError(_missing(root, split))
         self.names = sorted(p.stem for p in self.ann_dir.glob("*.png"))
         classes = load_classes("ade20k-150")
         self.class_names, self.isthing = list(classes.names), list(classes.isthing)

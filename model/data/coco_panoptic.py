@@ -39,6 +39,19 @@ class CocoPanoptic(Dataset):
         self.items = [(images[a["image_id"]], a) for a in doc["annotations"]]
         self.transforms = transforms
 
+    @classmethod
+    def from_root(cls, root: str | Path, split: str, transforms: v2.Transform | None = None) -> CocoPanoptic:
+        """The layout `data shapes` writes: images/<split>/, panoptic_<split>.json, panoptic_<split>/."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} not found")
+        if not (root / f"panoptic_{split}.json").is_file():
+            found = ", ".join(sorted(p.stem.removeprefix("panoptic_") for p in root.glob("panoptic_*.json")))
+            raise FileNotFoundError(
+                f"{root} has no split {split!r} (no panoptic_{split}.json); the splits there: {found or 'none'}"
+            )
+        return cls(root / "images" / split, root / f"panoptic_{split}.json", root / f"panoptic_{split}", transforms)
+
     @property
     def class_names(self) -> list[str]:
         return [c["name"] for c in self.categories]
