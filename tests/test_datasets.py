@@ -13,6 +13,7 @@ from model import MaskFormerConfig, build_model, get_preset
 from model.backbone_weights import load_backbone_weights
 from model.config import resnet
 from model.data.ade20k import ADE20K
+from model.data.transforms import make_sample, train_transforms
 from service.cli import main as cli
 from tests.test_detectron2_keys import official_swin_keys
 
@@ -57,6 +58,25 @@ def test_each_format_has_its_own_split_names_and_a_missing_split_lists_those_the
     capsys.readouterr()
     assert cli(["eval", *weights, "--data", str(shapes), "--split", "val2017"]) == 2
     assert "has no split 'val2017' (no panoptic_val2017.json); the splits there: train, val" in capsys.readouterr().err
+
+
+def centroid(weights: torch.Tensor) -> torch.Tensor:
+    yy, xx = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in weights.shape), indexing="ij")
+    w = weights.double()
+    return torch.stack([(w * yy).sum(), (w * xx).sum()]) / w.sum()
+
+
+@pytest.mark.parametrize("short", [179, 333])  # 0.7 and 1.3 x a 256 crop
+def test_resized_masks_stay_on_the_image(short):
+    # Even factors such as 256 -> 128 have no pixel centre to sample: any nearest rule is 1/4 pixel off there.
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    disk = (yy - 100.3) ** 2 + (xx - 140.7) ** 2 < 60**2
+    image = np.repeat(disk.numpy()[..., None] * np.uint8(255), 3, axis=2)
+    x, target = make_sample(
+        image, disk.numpy().astype(np.int64), [1], [0], train_transforms((short, short), 1, 1, False)
+    )
+    offset = centroid(target["masks"][0]) - centroid(x[0])
+    assert offset.abs().max() < 0.1, offset  # v2's legacy NEAREST: about 0.5 pixel down-right
 
 
 def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path):

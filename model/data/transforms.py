@@ -3,12 +3,26 @@ random short-side resize, crop (padded where the image is smaller), horizontal f
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from model.config import IMAGENET_MEAN
+
+
+class RandomShortSide(v2.RandomShortestSize):
+    """v2.RandomShortestSize, with masks resized by nearest-exact (PIL's NEAREST, as detectron2 resizes
+    segmentations): sampled at each output pixel's centre, so they stay on the image. v2's masks use the
+    legacy NEAREST, which samples up-left of the centre and shifts masks down-right by up to half a pixel."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, tv_tensors.Mask):
+            return F.resize(inpt, size=params["size"], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+        return super().transform(inpt, params)
 
 
 def train_transforms(
@@ -21,7 +35,7 @@ def train_transforms(
     """
     short = min(crop)
     steps = [
-        v2.RandomShortestSize(
+        RandomShortSide(
             min_size=list(range(int(short * min_scale), int(short * max_scale) + 1, 32)) or [short],
             antialias=True,
         ),
