@@ -13,7 +13,7 @@ from model import MaskFormerConfig, build_model, get_preset
 from model.backbone_weights import load_backbone_weights
 from model.config import resnet
 from model.data.ade20k import ADE20K
-from model.data.transforms import make_sample, train_transforms
+from model.data.transforms import make_sample, short_sides, train_transforms
 from service.cli import main as cli
 from tests.test_detectron2_keys import official_swin_keys
 
@@ -77,6 +77,15 @@ def test_resized_masks_stay_on_the_image(short):
     )
     offset = centroid(target["masks"][0]) - centroid(x[0])
     assert offset.abs().max() < 0.1, offset  # v2's legacy NEAREST: about 0.5 pixel down-right
+
+
+def test_the_scale_choice_holds_the_smallest_and_largest_scale():
+    assert short_sides(512, 0.5, 2.0) == [int(x * 0.1 * 512) for x in range(5, 21)]  # the official list
+    assert short_sides(256, 1.0, 1.1) == [256, 281]  # steps of 32 pixels gave [256]
+    assert short_sides(256, 1.0, 1.25) == [256, 281, 307, 320]
+    assert short_sides(256, 1.0, 1.0) == [256]
+    with pytest.raises(ValueError, match="min scale <= max scale, got 2.0 and 1.0"):
+        train_transforms((256, 256), 2.0, 1.0)
 
 
 def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path):

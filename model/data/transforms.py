@@ -3,6 +3,7 @@ random short-side resize, crop (padded where the image is smaller), horizontal f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,20 +26,27 @@ class RandomShortSide(v2.RandomShortestSize):
         return super().transform(inpt, params)
 
 
+def short_sides(short: int, min_scale: float, max_scale: float) -> list[int]:
+    """The short sides to choose from: short x min_scale, then steps of short x 0.1 up to short x max_scale,
+    which is in the list too (the official configs: [int(x * 0.1 * 512) for x in range(5, 21)])."""
+    if not 0 < min_scale <= max_scale:
+        raise ValueError(f"the scale range needs 0 < min scale <= max scale, got {min_scale} and {max_scale}")
+    steps = math.floor(round((max_scale - min_scale) * 10, 6))
+    scales = [min_scale + k / 10 for k in range(steps + 1)] + [max_scale]
+    return sorted({max(1, int(round(short * scale, 6))) for scale in scales})
+
+
 def train_transforms(
     crop: tuple[int, int], min_scale: float = 0.5, max_scale: float = 2.0, colour: bool = True
 ) -> v2.Compose:
-    """Resize the short side to crop*U[min_scale, max_scale], crop to `crop`, flip, jitter colours.
+    """Resize the short side to one of short_sides(min(crop), ...) chosen uniformly (detectron2's
+    ResizeShortestEdge "choice"), crop to `crop`, flip, jitter colours.
 
     Padding uses the mean colour for the image (0 after normalisation, like the official padding) and
     "no segment" for masks.
     """
-    short = min(crop)
     steps = [
-        RandomShortSide(
-            min_size=list(range(int(short * min_scale), int(short * max_scale) + 1, 32)) or [short],
-            antialias=True,
-        ),
+        RandomShortSide(min_size=short_sides(min(crop), min_scale, max_scale), antialias=True),
         v2.RandomCrop(
             crop,
             pad_if_needed=True,
