@@ -57,12 +57,25 @@ class TrainConfig:
     dist_timeout_min: float = 180.0  # DDP collectives and barriers; rank 0's evaluations must end within it
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the loop divides by these, or would end before its first step and still write a model
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "warmup_steps", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be between 0 and steps ({self.steps}), got {self.stop_at}")
+
 
 class StepSampler(Sampler):
     """Yields, for each step from `start_step`, this process's share of the global batch as
     (dataset index, augmentation seed) pairs. Epoch e is a permutation seeded by (seed, e)."""
 
     def __init__(self, size: int, batch_size: int, seed: int, start_step: int, steps: int, rank: int, world: int):
+        if size < 1:
+            raise ValueError("the training set is empty")
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
         self.size, self.batch, self.seed = size, batch_size, seed

@@ -242,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_subparsers(dest="dataset", required=True)
     d = data.add_parser("shapes", help="the synthetic shapes dataset (spec v1) in COCO panoptic format")
     d.add_argument("--out", type=Path, required=True)
-    d.add_argument("--train", type=int, default=4000, help="training images (seeds 0..N-1)")
-    d.add_argument("--val", type=int, default=500, help="validation images (seeds 1000000..)")
+    d.add_argument("--train", type=at_least_0(int), default=4000, help="training images (seeds 0..N-1)")
+    d.add_argument("--val", type=at_least_0(int), default=500, help="validation images (seeds 1000000..)")
     d.set_defaults(func=cmd_data_shapes)
 
     p = sub.add_parser("train", help="train a model (single process, or multi-GPU/multi-node under torchrun)")
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-split", help="default: train (coco-panoptic), training (ade20k)")
     p.add_argument("--val-split", help="evaluate on this split during and after training")
-    p.add_argument("--eval-images", type=int, help="evaluate on the first N validation images only")
+    p.add_argument("--eval-images", type=positive(int), help="evaluate on the first N validation images only")
     p.add_argument("--out", type=Path, required=True, help="output folder: model.safetensors, last.pt, metrics.jsonl")
     p.add_argument("--name", help="model name stored in the checkpoint")
     p.add_argument("--init", type=Path, help="start from this checkpoint's weights")
@@ -268,26 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="start afresh in an --out that holds another run, deleting its metrics.jsonl, tensorboard/ and last.pt",
     )
     p.add_argument("--backbone-weights", type=Path, help="local ImageNet weights (torchvision or timm state dict)")
-    p.add_argument("--steps", type=int, default=160_000)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
-    p.add_argument("--lr", type=float, help="default: 1e-4, or 6e-5 for Swin (the official configs)")
-    p.add_argument("--weight-decay", type=float, help="default: 1e-4, or 0.01 for Swin")
-    p.add_argument("--backbone-lr-mult", type=float, help="default: 0.1, or 1.0 for Swin")
+    p.add_argument("--steps", type=positive(int), default=160_000)
+    p.add_argument("--batch-size", type=positive(int), default=16, help="global batch size")
+    p.add_argument("--lr", type=positive(float), help="default: 1e-4, or 6e-5 for Swin (the official configs)")
+    p.add_argument("--weight-decay", type=at_least_0(float), help="default: 1e-4, or 0.01 for Swin")
+    p.add_argument("--backbone-lr-mult", type=at_least_0(float), help="default: 0.1, or 1.0 for Swin")
     p.add_argument(
         "--warmup-steps",
         type=at_least_0(int),
         help="linear lr warm-up from lr x 1e-6 over this many steps; default: 0, or 1500 for Swin",
     )
-    p.add_argument("--clip-grad-norm", type=float, default=0.01)
-    p.add_argument("--ce-weight", type=float, default=1.0, help="classification loss weight (official: 1)")
-    p.add_argument("--crop", type=int, help="square training crop (default: the preset's input size)")
-    p.add_argument("--min-scale", type=float, default=0.5)
-    p.add_argument("--max-scale", type=float, default=2.0)
+    p.add_argument("--clip-grad-norm", type=positive(float), default=0.01)
+    p.add_argument("--ce-weight", type=at_least_0(float), default=1.0, help="classification loss weight (official: 1)")
+    p.add_argument("--crop", type=positive(int), help="square training crop (default: the preset's input size)")
+    p.add_argument("--min-scale", type=positive(float), default=0.5)
+    p.add_argument("--max-scale", type=positive(float), default=2.0)
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--workers", type=at_least_0(int), default=2)
+    p.add_argument("--seed", type=at_least_0(int), default=0)
+    p.add_argument("--eval-every", type=at_least_0(int), default=0, help="steps; 0: at the end only")
+    p.add_argument("--checkpoint-every", type=positive(int), default=1000)
     p.add_argument(
         "--dist-timeout",
         type=positive(float),
@@ -302,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="dataset root (see --format)")
     p.add_argument("--format", choices=["coco-panoptic", "ade20k"], default="coco-panoptic")
     p.add_argument("--split", help="default: val (coco-panoptic), validation (ade20k)")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=positive(int), help="only the first N images")
+    p.add_argument("--batch-size", type=positive(int), default=8)
     p.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16"],

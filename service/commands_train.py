@@ -11,6 +11,8 @@ from pathlib import Path
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     from model.data.shapes import TRAIN_SEED, VAL_SEED, write_split
 
+    if not (args.train or args.val):
+        raise ValueError("--train 0 --val 0: there is nothing to write")
     for split, count, seed in (("train", args.train, TRAIN_SEED), ("val", args.val, VAL_SEED)):
         if count:
             print(f"wrote {write_split(args.out, split, count, seed)}")
@@ -35,13 +37,13 @@ SPLITS = {"coco-panoptic": ("train", "val"), "ade20k": ("training", "validation"
 def _dataset(fmt: str, root: Path, split: str):
     """coco-panoptic: images/<split>, panoptic_<split>.json, panoptic_<split>/ under root (the layout
     `data shapes` writes). ade20k: the ADEChallengeData2016 folder (splits training, validation)."""
-    if fmt == "ade20k":
-        from model.data.ade20k import ADE20K
-
-        return ADE20K(root, split)
+    from model.data.ade20k import ADE20K
     from model.data.coco_panoptic import CocoPanoptic
 
-    return CocoPanoptic.from_root(root, split)
+    dataset = ADE20K(root, split) if fmt == "ade20k" else CocoPanoptic.from_root(root, split)
+    if not len(dataset):
+        raise ValueError(f"the split {split!r} of {root} has no images")
+    return dataset
 
 
 def cmd_train(args: argparse.Namespace) -> int:

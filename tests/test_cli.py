@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +137,34 @@ def test_no_driver_at_all_falls_back_quietly(monkeypatch, caplog):
         assert not [p for p in probe().problems if p.startswith("CUDA:")]
     finally:
         cuda_available.cache_clear()
+
+
+def required(command: str, tmp: Path) -> list[str]:
+    """The flags each command needs, pointing nowhere (or at nothing to write) should a bad number pass."""
+    return {
+        "train": ["train", "--data", str(tmp / "none"), "--out", str(tmp / "run")],
+        "eval": ["eval", "--weights", str(tmp / "w.safetensors"), "--data", str(tmp / "none")],
+        "data": ["data", "shapes", "--out", str(tmp / "data"), "--train", "0", "--val", "0"],
+    }[command]
+
+
+BAD_NUMBERS = [
+    *[("train", "--steps", v) for v in ("0", "-3")],
+    *[("train", "--batch-size", v) for v in ("0", "-2")],
+    *[("train", flag, "0") for flag in ("--checkpoint-every", "--crop", "--min-scale", "--max-scale", "--eval-images")],
+    *[("train", flag, "0") for flag in ("--lr", "--clip-grad-norm", "--dist-timeout")],
+    *[("train", flag, "-1") for flag in ("--eval-every", "--workers", "--seed", "--warmup-steps", "--weight-decay")],
+    *[("train", flag, "-1") for flag in ("--backbone-lr-mult", "--ce-weight")],
+    ("eval", "--limit", "0"),
+    ("eval", "--batch-size", "0"),
+    ("data", "--train", "-1"),
+    ("data", "--val", "-5"),
+]
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), BAD_NUMBERS)
+def test_numbers_a_command_cannot_run_with_are_refused_when_parsed(command, flag, value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        cli([*required(command, tmp_path), flag, value])
+    assert exited.value.code == 2
+    assert f"argument {flag}: {value} is not" in capsys.readouterr().err

@@ -58,6 +58,11 @@ def test_each_format_has_its_own_split_names_and_a_missing_split_lists_those_the
     capsys.readouterr()
     assert cli(["eval", *weights, "--data", str(shapes), "--split", "val2017"]) == 2
     assert "has no split 'val2017' (no panoptic_val2017.json); the splits there: train, val" in capsys.readouterr().err
+    (shapes / "panoptic_val.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    assert cli(["eval", *weights, "--data", str(shapes)]) == 2
+    assert f"the split 'val' of {shapes} has no images" in capsys.readouterr().err
+    assert cli(["data", "shapes", "--out", str(tmp_path / "none"), "--train", "0", "--val", "0"]) == 2
+    assert "there is nothing to write" in capsys.readouterr().err
 
 
 def centroid(weights: torch.Tensor) -> torch.Tensor:

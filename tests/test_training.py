@@ -20,7 +20,7 @@ from model.data.coco_panoptic import CocoPanoptic, collate
 from model.data.shapes import CATEGORIES, write_split
 from model.data.transforms import train_transforms
 from model.evaluation import evaluate_panoptic_dataset
-from model.train import TrainConfig, lr_factor, setup_distributed, train
+from model.train import StepSampler, TrainConfig, lr_factor, setup_distributed, train
 from model.train_state import load_state, rng_state, save_state, set_rng_state
 from service.cli import build_parser
 from service.commands_train import recipe
@@ -82,6 +82,29 @@ def test_the_log_gives_the_head_and_backbone_lr_of_each_step_taken(shapes, tmp_p
     factors = [1e-6, (1 - 1 / 3) ** 0.9 * (0.5e-6 + 0.5), (1 - 2 / 3) ** 0.9]
     assert [r["lr"] for r in log] == pytest.approx([1e-3 * f for f in factors])
     assert [r["lr_backbone"] for r in log] == pytest.approx([1e-4 * f for f in factors])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("steps", 0, "steps must be at least 1, got 0"),
+        ("steps", -3, "steps must be at least 1, got -3"),
+        ("batch_size", 0, "batch_size must be at least 1"),
+        ("checkpoint_every", 0, "checkpoint_every must be at least 1"),
+        ("log_every", 0, "log_every must be at least 1"),
+        ("eval_every", -1, "eval_every must be 0 or more"),
+        ("warmup_steps", -1, "warmup_steps must be 0 or more"),
+        ("stop_at", 11, r"stop_at must be between 0 and steps \(10\), got 11"),
+    ],
+)
+def test_a_config_the_loop_cannot_run_is_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out_dir="-", **{"steps": 10, field: value})
+
+
+def test_an_empty_training_set_is_refused():
+    with pytest.raises(ValueError, match="the training set is empty"):
+        StepSampler(0, batch_size=2, seed=0, start_step=0, steps=5, rank=0, world=1)
 
 
 def test_linear_warmup_then_poly_as_detectron2s_warmup_poly_lr():
