@@ -234,49 +234,51 @@ def train(
     running: dict[str, float] = {}  # summed since the last log line, so logged losses are interval means
     progress = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started = time.time()
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = net(images)
-        losses = criterion(outputs, targets)  # the loss in float32
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        lrs = group_lrs(optimizer)  # the step just taken's, before the scheduler moves them on
-        scheduler.step()
-        step += 1
-        progress.update()
-        if not math.isfinite(losses["loss"].item()):
-            raise FloatingPointError(f"loss is {losses['loss'].item()} at step {step}")
-        # final-layer terms and the total; the per-layer auxiliary terms stay out of the log
-        for k, v in losses.items():
-            if "_" not in k.removeprefix("loss_"):
-                running[k] = running.get(k, 0.0) + v.item()
-        running["grad_norm"] = running.get("grad_norm", 0.0) + float(grad_norm)
-        running["n"] = running.get("n", 0.0) + 1
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = net(images)
+            losses = criterion(outputs, targets)  # the loss in float32
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lrs = group_lrs(optimizer)  # the step just taken's, before the scheduler moves them on
+            scheduler.step()
+            step += 1
+            progress.update()
+            if not math.isfinite(losses["loss"].item()):
+                raise FloatingPointError(f"loss is {losses['loss'].item()} at step {step}")
+            # final-layer terms and the total; the per-layer auxiliary terms stay out of the log
+            for k, v in losses.items():
+                if "_" not in k.removeprefix("loss_"):
+                    running[k] = running.get(k, 0.0) + v.item()
+            running["grad_norm"] = running.get("grad_norm", 0.0) + float(grad_norm)
+            running["n"] = running.get("n", 0.0) + 1
 
-        if rank == 0 and (step % cfg.log_every == 0 or step == end):
-            n = running.pop("n")
-            last = {k: round(v / n, 5) for k, v in running.items()}
-            running.clear()
-            last.update(step=step, **lrs, elapsed_s=round(time.time() - started, 1))
-            progress.set_postfix(loss=last["loss"])
-            run_log.write(last)
-        if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
-            save_state(state_path, step, parts)
-        if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            if rank == 0:
-                model.eval()
-                result = {"step": step, **evaluate(model)}
-                model.train()
-                run_log.write(result)
-                last.update(result)
-            barrier(world, device)  # the other ranks wait here, not in the next step's all-reduce
-    progress.close()
+            if rank == 0 and (step % cfg.log_every == 0 or step == end):
+                n = running.pop("n")
+                last = {k: round(v / n, 5) for k, v in running.items()}
+                running.clear()
+                last.update(step=step, **lrs, elapsed_s=round(time.time() - started, 1))
+                progress.set_postfix(loss=last["loss"])
+                run_log.write(last)
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or step == end):
+                save_state(state_path, step, parts)
+            if evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                if rank == 0:
+                    model.eval()
+                    result = {"step": step, **evaluate(model)}
+                    model.train()
+                    run_log.write(result)
+                    last.update(result)
+                barrier(world, device)  # the other ranks wait here, not in the next step's all-reduce
+    finally:
+        progress.close()  # ends the bar's line, so an error below it is a line of its own
     if rank == 0:
         save_model(model.eval(), out / "model.safetensors")
     run_log.close()

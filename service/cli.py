@@ -392,9 +392,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (OSError, ValueError, KeyError) as err:
         # Our loaders and converters raise these with a message meant for the user; OSError's name the path.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_message(err)}", file=sys.stderr)
         return 2
+
+
+def _message(err: Exception) -> str:
+    message = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+    if "\nOriginal Traceback" in message:
+        # re-raised from a DataLoader worker with the worker's traceback: its last line is the error itself
+        logging.debug("%s", message)
+        return message.rstrip().splitlines()[-1]
+    return message
 
 
 if __name__ == "__main__":

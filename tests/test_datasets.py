@@ -13,6 +13,7 @@ from model import MaskFormerConfig, build_model, get_preset
 from model.backbone_weights import load_backbone_weights
 from model.config import resnet
 from model.data.ade20k import ADE20K
+from model.data.shapes import write_split
 from model.data.transforms import make_sample, short_sides, train_transforms
 from service.cli import main as cli
 from tests.test_detectron2_keys import official_swin_keys
@@ -91,6 +92,18 @@ def test_the_scale_choice_holds_the_smallest_and_largest_scale():
     assert short_sides(256, 1.0, 1.0) == [256]
     with pytest.raises(ValueError, match="min scale <= max scale, got 2.0 and 1.0"):
         train_transforms((256, 256), 2.0, 1.0)
+
+
+def test_a_missing_image_is_a_one_line_error_naming_it(tmp_path, capsys):
+    data = tmp_path / "shapes"
+    write_split(data, "train", 2, 0)
+    (data / "images" / "train" / "00000001.png").unlink()
+    run = ["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--crop", "64"]
+    assert cli(["train", "--preset", "r10-tiny-shapes", *run, "--workers", "1"]) == 2  # read in a worker
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # below the progress bar's line
+    assert line.startswith("error: FileNotFoundError") and line.endswith("images/train/00000001.png'"), err
+    assert "Traceback" not in err
 
 
 def test_torchvision_resnet_weights_load_into_the_backbone(tmp_path):
