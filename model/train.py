@@ -211,14 +211,16 @@ def train(
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     step = 0
     state_path = out / "last.pt"
+    end = cfg.stop_at or cfg.steps
     if resume:
         step = load_state(resume, parts)
+        if step > end:  # nothing left to train: the run would write the state's weights as its model
+            raise ValueError(f"{resume} is at step {step}, past the end of this run (step {end})")
         log.info("resumed from %s at step %d", resume, step)
     if world > 1 and device.type == "cuda":
         nn.SyncBatchNorm.convert_sync_batchnorm(model)  # trainable BN (from-scratch presets) sees the global batch
     net: nn.Module = DistributedDataParallel(model) if world > 1 else model
 
-    end = cfg.stop_at or cfg.steps
     sampler = StepSampler(len(train_set), cfg.batch_size, cfg.seed, step, end, rank, world)  # type: ignore[arg-type]
     loader = DataLoader(
         SeededDataset(train_set),

@@ -205,6 +205,8 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(shapes, tmp_path, monke
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
     assert FakeWriter.opened == [None, 3, 3]  # TensorBoard hides the events past the resumed step
+    with pytest.raises(ValueError, match="last.pt is at step 5, past the end of this run \\(step 4\\)"):
+        train(tiny_model(64), data, TrainConfig(**{**common, "steps": 4}), collate, resume=run / "last.pt")
 
     with pytest.raises(FileExistsError, match="holds another run .*metrics.jsonl, last.pt.*--overwrite"):
         train(tiny_model(64), data, TrainConfig(**common), collate)
