@@ -74,10 +74,10 @@ def create_backend(settings: ServeSettings, weights: Path, cfg: MaskFormerConfig
     if name == "auto":
         name, why = choose_backend(probe(), on_cpu=device.type == "cpu")
         log.info("backend auto -> %s: %s", name, why)
-    if name == "tensorrt" and device.type != "cuda":  # before minutes of export and engine build
-        raise ValueError(f"the tensorrt backend needs a CUDA device, not {device.type}")
     check_precision(name, settings.precision)
     check_device_precision(device, settings.precision)  # before minutes of export for a precision it cannot run
+    if name == "tensorrt" and device.type != "cuda":  # likewise, before the export and engine build
+        raise ValueError(f"the tensorrt backend needs a CUDA device, not {device.type}")
     if settings.threads and device.type == "cpu":
         torch.set_num_threads(settings.threads)
     if name == "torch":
