@@ -195,6 +195,8 @@ def train(
     from tqdm import tqdm
 
     rank, world, device = setup_distributed(timedelta(minutes=cfg.dist_timeout_min))
+    if cfg.warmup_steps >= cfg.steps:
+        log.warning("the %d warm-up steps outlast the run's %d: it never reaches --lr", cfg.warmup_steps, cfg.steps)
     out = Path(cfg.out_dir)
     if not resume:
         claim_folder(out, cfg.overwrite, delete=rank == 0)  # every rank refuses, so none waits for the others

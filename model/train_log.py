@@ -16,13 +16,16 @@ RUN_FILES = ("metrics.jsonl", "last.pt", "tensorboard")
 
 
 def claim_folder(out: Path, overwrite: bool, delete: bool = True) -> None:
-    """Refuse a fresh run's folder that holds another run, or (overwrite) delete that run's log and state
-    (`delete`: on one process only)."""
+    """Refuse a fresh run's folder that holds another run (a last.pt, or a log with a record in it), or
+    (overwrite) delete that run's log and state. What a run that failed before its first record left (an
+    empty log, TensorBoard's folder) is deleted either way. `delete`: on one process only."""
     found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite:
+    another = (out / "last.pt").exists() or _step_of_first_record(out / "metrics.jsonl") is not None
+    if another and not overwrite:
+        resume = f"resume it with --resume {out / 'last.pt'}, or " if (out / "last.pt").exists() else ""
         raise FileExistsError(
-            f"{out} holds another run ({', '.join(found)}): resume it with --resume {out / 'last.pt'}, "
-            "or pass --overwrite to start afresh there (deleting them)"
+            f"{out} holds another run ({', '.join(found)}): {resume}pass --overwrite to start afresh there "
+            "(deleting them)"
         )
     for path in [out / name for name in found] if delete else []:
         if path.is_dir():
@@ -39,6 +42,12 @@ def keep_steps_up_to(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)  # a crash now leaves the old log or the new one, never half of it
+
+
+def _step_of_first_record(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return next((s for line in path.read_text().splitlines() if (s := _step_of(line)) is not None), None)
 
 
 def _step_of(line: str) -> int | None:

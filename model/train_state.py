@@ -3,6 +3,8 @@ enough to resume a run exactly where it stopped."""
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import random
 from pathlib import Path
@@ -13,6 +15,8 @@ from torch import nn
 
 # 2: numpy's and Python's RNG states whole, the GradScaler's state, named optimizer param groups
 STATE_VERSION = 2
+
+log = logging.getLogger(__name__)
 
 
 def rng_state() -> dict:
@@ -59,12 +63,23 @@ def read_state(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a training state (RUN/last.pt): {err}") from None
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{path} is not a training state (RUN/last.pt)")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(
-            f"{path} is a training state of version {state.get('version', 1)}; this version resumes only "
-            f"version {STATE_VERSION}"
-        )
+    version = state.get("version", 1)
+    if version == 1:
+        return upgrade_v1(path, state)
+    if version != STATE_VERSION:
+        raise ValueError(f"{path} is a training state of version {version}; this version resumes 1 and {STATE_VERSION}")
     return state
+
+
+def upgrade_v1(path: str | Path, state: dict) -> dict:
+    """A version-1 state in version 2's layout. Version 1 kept numpy's and Python's Mersenne Twister keys
+    only (as JSON) and no GradScaler: their positions restart, so np.random and random go on close to, not
+    exactly as, an uninterrupted run (the data path draws from torch's generator, which was kept whole)."""
+    log.warning("%s: a version-1 training state; numpy's and Python's RNGs resume approximately", path)
+    rng = dict(state["rng"])
+    rng["numpy"] = ["MT19937", json.loads(rng["numpy"]), 624, 0, 0.0]
+    rng["python"] = [3, json.loads(rng["python"]), None]
+    return {**state, "rng": rng, "version": STATE_VERSION}
 
 
 def check_fits(path: str | Path, saved: dict, model: nn.Module) -> None:
@@ -92,6 +107,9 @@ def load_state(path: str | Path, parts: dict) -> int:
     for name, part in parts.items():
         # an fp16 run's GradScaler resumes at its scale; a state from a run without one (empty) starts afresh
         if name != "scaler" or state.get(name):
+            names = [g.get("name") for g in part.param_groups] if name == "optimizer" else []
             part.load_state_dict(state[name])
+            for group, group_name in zip(getattr(part, "param_groups", []) if names else [], names):
+                group.setdefault("name", group_name)  # version 1 saved its groups unnamed; the logs find them by name
     set_rng_state(state["rng"])
     return int(state["step"])

@@ -294,7 +294,7 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
         reason = "draining" if state["draining"] else state["load_error"] or "loading"
         return FastJSON({"status": "not ready", "reason": reason}, status_code=503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=UNAUTHORIZED)
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

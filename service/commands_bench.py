@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import sys
 from contextlib import ExitStack
@@ -22,6 +23,22 @@ def _ints(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def masked(argv: list[str]) -> list[str]:
+    """The command line as the report records it: API keys (ours, or in --serve-args) as REDACTED."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("REDACTED")
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=REDACTED")
+        elif "--api-key" in arg and arg != "--api-key":  # inside a --serve-args string
+            out.append(re.sub(r"(--api-key[= ])\S+", r"\1REDACTED", arg))
+        else:
+            out.append(arg)
+        hide = arg == "--api-key"
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "kind": "maskformer-bench",
         "version": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "maskformer " + " ".join(shlex.quote(a) for a in args.argv),
+        "command": "maskformer " + " ".join(shlex.quote(a) for a in masked(args.argv)),
         "machine": report.machine(),
     }
     if not args.skip_model:

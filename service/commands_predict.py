@@ -176,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     out = args.out or (None if args.json else Path("overlays"))
-    files = expand_inputs(args.images, skip=out)
+    files = expand_inputs(args.images, skip=out or Path("overlays"))  # never a run's overlays as inputs
     names = overlay_names(files)
     if out:
         inputs = {f.resolve() for f in files}

@@ -86,6 +86,7 @@ def choose_model(environ: MutableMapping[str, str], weights_flag: Path | None = 
     model_dir = Path(environ.get("MASKFORMER_MODEL_DIR", CONTAINER_VARS["MASKFORMER_MODEL_DIR"]))
     if (model_dir / "registry.json").is_file():
         environ["MASKFORMER_WEIGHTS_DIR"] = str(model_dir)
+        check_default(model_dir)
         return f"the default of {model_dir / 'registry.json'} (model volume)"
     checkpoints = sorted(model_dir.glob("*.safetensors")) if model_dir.is_dir() else []
     if len(checkpoints) > 1:
@@ -97,7 +98,18 @@ def choose_model(environ: MutableMapping[str, str], weights_flag: Path | None = 
     bundled = environ.get("MASKFORMER_WEIGHTS_DIR")
     if bundled and not (Path(bundled) / "registry.json").is_file():
         raise ConfigError(f"MASKFORMER_WEIGHTS_DIR={bundled} has no registry.json, and {model_dir} has no model")
+    check_default(Path(bundled) if bundled else None)
     return f"the bundled default ({bundled or 'weights/'}); {model_dir} has no model"
+
+
+def check_default(weights_dir: Path | None) -> None:
+    """The registry's default checkpoint is there, with the size and digest the registry gives."""
+    from model.checkpoint import default_weights  # imports torch: only once the environment is final
+
+    try:
+        default_weights(weights_dir)
+    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError: their messages name the file
+        raise ConfigError(str(err)) from None
 
 
 def check_cache_dir(path: Path) -> None:

@@ -143,7 +143,7 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
     settings = ServeSettings.model_validate({"backend": "torch", "api_key": "k3y", "max_batch_size": 2})
     with live_server(settings) as (url, _):
         for key, status in (("k3y", "200"), ("wrong", "401")):
-            out = tmp_path / key
+            out = tmp_path / status
             args = ["bench", "--skip-model", "--url", url, "--api-key", key, "--out", str(out)]
             assert cli([*args, "--concurrency", "2", "--requests", "3", "--image-size", "64"]) == 0
             (server,) = json.loads((out / "bench.json").read_text())["server"]["servers"]
@@ -152,6 +152,17 @@ def test_bench_measures_a_running_server_with_an_api_key(tmp_path):
                 assert server["backend"]["backend"] == "torch" and server["backend"]["overlap_postprocessing"] is True
             assert row["requests"] == 3 and row["status"] == {status: 3}
             assert row["errors"] == (0 if status == "200" else 3)
+            for report in ("bench.json", "bench.md"):  # reports get committed: the key is not in them
+                text = (out / report).read_text()
+                assert key not in text and "--api-key REDACTED" in text
+
+
+def test_recorded_commands_hide_api_keys():
+    from service.commands_bench import masked
+
+    argv = ["bench", "--api-key", "k1", "--api-key=k2", "--serve-args", "--backend torch --api-key k3", "--x"]
+    hidden = ["bench", "--api-key", "REDACTED", "--api-key=REDACTED", "--serve-args"]
+    assert masked(argv) == [*hidden, "--backend torch --api-key REDACTED", "--x"]
 
 
 def test_a_level_ends_at_its_seconds_and_cuts_off_what_is_still_in_flight():

@@ -100,6 +100,25 @@ def test_the_cache_probe_is_not_named_by_pid(env, monkeypatch):
     assert [p.name for p in (env / "cache").iterdir()] == [".write-test.1"]
 
 
+def test_a_damaged_default_on_the_model_volume_is_one_line(env, monkeypatch):
+    import shutil
+
+    for f in (ROOT / "weights").iterdir():
+        if f.suffix in (".json", ".safetensors"):
+            shutil.copy(f, env / "models" / f.name)
+    monkeypatch.setenv("MASKFORMER_PORT", "8000")
+    assert "model: the default of" in container.prepare([])[0]
+    checkpoint = next((env / "models").glob("*.safetensors"))
+    with checkpoint.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\x7c" * 8)
+    with pytest.raises(container.ConfigError, match=r"shapes-r10.safetensors: sha256 \w+, but the registry says"):
+        container.prepare([])
+    checkpoint.unlink()
+    with pytest.raises(container.ConfigError, match="the registry's default checkpoint"):
+        container.prepare([])
+
+
 def test_the_port_flag_is_written_where_the_healthcheck_reads_it(env, monkeypatch):
     monkeypatch.setenv("MASKFORMER_PORT", "8000")
     assert "port: 9000" in container.prepare(["--port", "9000"])

@@ -91,6 +91,7 @@ def test_default_labels_left_out_of_config_json_come_from_the_class_head(tmp_pat
         ({"id2label": {"0": "a", "1": "b", "5": "c"}}, r"id2label's ids \[0, 1, 5\] are not 0..2"),
         ({"id2label": {"0": "a", "1": "b"}}, "gives 2 classes, but class_predictor.weight has 4 rows"),
         ({"id2label": None, "num_labels": 5}, "gives 5 classes, but class_predictor.weight has 4 rows"),
+        ({"id2label": ["a", "b", "c"]}, "id2label is a list, not an object of id -> name"),
     ],
 )
 def test_class_counts_that_do_not_fit_the_class_head_are_refused(tmp_path, capsys, changes, message):

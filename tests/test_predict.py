@@ -119,6 +119,8 @@ def test_predict_twice_into_a_folder_inside_the_one_it_walks(images, tmp_path, m
         assert cli(["predict", ".", "--task", "semantic", "--backend", "torch"]) == 0
         assert "wrote 2 overlays to overlays" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == [f"{s}.png" for s in SEEDS[:2]]
+    assert cli(["predict", ".", "--task", "semantic", "--backend", "torch", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2  # not the overlays as well
 
 
 def test_an_unreadable_image_or_unwritable_overlay_stops_no_other(images, tmp_path, monkeypatch, capsys):

@@ -350,6 +350,7 @@ def test_probes_model_info_docs_and_metrics(server):
     assert httpx.get(f"{url}/docs").status_code == 200
     spec = httpx.get(f"{url}/openapi.json").json()
     assert {"/segment", "/segment/batch", "/healthz", "/readyz", "/metrics", "/v1/model"} <= set(spec["paths"])
+    assert "401" not in spec["paths"]["/metrics"]["get"]["responses"]  # open, as the probes are
     text = httpx.get(f"{url}/metrics").text
     for name in [
         "maskformer_requests_total",

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -104,6 +105,22 @@ def test_a_checkpoint_that_cannot_load_exits_with_its_reason(tmp_path):
     assert proc.wait(timeout=60) != 0
     log.seek(0)
     assert "only .safetensors checkpoints are loaded (nothing is unpickled)" in log.read()
+
+
+def test_a_damaged_default_checkpoint_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    import shutil
+
+    weights = tmp_path / "weights"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "weights", weights)
+    with (weights / "shapes-r10.safetensors").open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\x7c" * 8)
+    monkeypatch.setenv("MASKFORMER_WEIGHTS_DIR", str(weights))  # start() passes the environment on
+    proc, _, log = start([], tmp_path)
+    assert proc.wait(timeout=60) == 2
+    log.seek(0)
+    text = log.read()
+    assert "error: " in text and "but the registry says" in text and "Traceback" not in text, text
 
 
 def test_serve_rejects_unknown_settings(tmp_path):

@@ -169,11 +169,42 @@ def test_resuming_from_what_is_not_this_models_training_state_says_why(tmp_path)
     save_state(tmp_path / "last.pt", 3, {"model": other})
     with pytest.raises(ValueError, match=r"last.pt is the training state of another model .*class_embed.weight is"):
         load_state(tmp_path / "last.pt", {"model": model})
-    old = torch.load(tmp_path / "last.pt", weights_only=True)
-    del old["version"]  # as written before version 2 (RNG states in another form)
-    torch.save(old, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="old.pt is a training state of version 1"):
-        load_state(tmp_path / "old.pt", {"model": other})
+    future = torch.load(tmp_path / "last.pt", weights_only=True)
+    future["version"] = 3
+    torch.save(future, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="future.pt is a training state of version 3; this version resumes 1 and 2"):
+        load_state(tmp_path / "future.pt", {"model": other})
+
+
+def as_version_1(path: Path) -> None:
+    """Rewrite a last.pt as the code before version 2 wrote it: no version, no GradScaler, unnamed optimizer
+    groups, and numpy's and Python's Mersenne Twister keys alone, as JSON."""
+    state = torch.load(path, weights_only=True)
+    for key in ("version", "scaler"):
+        del state[key]
+    for group in state["optimizer"]["param_groups"]:
+        del group["name"]
+    rng = state["rng"]
+    rng["numpy"], rng["python"] = json.dumps(rng["numpy"][1]), json.dumps(rng["python"][1])
+    torch.save(state, path)
+
+
+def test_a_version_1_state_resumes_as_the_uninterrupted_run(shapes, tmp_path):
+    # the data path draws from torch's generator, which version 1 kept whole: the weights come out the same
+    data = dataset(shapes, 64)
+    common = dict(steps=4, batch_size=2, num_workers=0, lr=1e-3, log_every=1, checkpoint_every=100)
+    torch.manual_seed(0)
+    straight = tiny_model(64)
+    train(straight, data, TrainConfig(out_dir=str(tmp_path / "a"), **common), collate)
+    torch.manual_seed(0)
+    train(tiny_model(64), data, TrainConfig(out_dir=str(tmp_path / "b"), stop_at=2, **common), collate)
+    as_version_1(tmp_path / "b" / "last.pt")
+    resumed = tiny_model(64)
+    train(resumed, data, TrainConfig(out_dir=str(tmp_path / "b"), **common), collate, resume=tmp_path / "b" / "last.pt")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("lr_backbone" in r for r in log)  # groups named again
 
 
 class FakeWriter:
@@ -212,6 +243,20 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(shapes, tmp_path, monke
         train(tiny_model(64), data, TrainConfig(**common), collate)
     train(tiny_model(64), data, TrainConfig(overwrite=True, **{**common, "steps": 1}), collate)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_run_that_failed_before_its_first_record_can_simply_run_again(shapes, tmp_path):
+    from model.train_log import claim_folder
+
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")  # what a run that failed at its first step leaves
+    claim_folder(run, overwrite=False)
+    assert not (run / "metrics.jsonl").exists() and not (run / "tensorboard").exists()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # one that logged is another run
+    with pytest.raises(FileExistsError, match=r"holds another run \(metrics.jsonl\): pass --overwrite") as err:
+        claim_folder(run, overwrite=False)
+    assert "--resume" not in str(err.value)  # there is no last.pt to resume from
 
 
 def test_overfits_a_handful_of_images(shapes, tmp_path):

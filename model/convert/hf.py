@@ -162,8 +162,11 @@ def class_names(hf: dict, class_rows: int, cfg_file: Path) -> list[str]:
     """id2label's names, which must fill 0..N-1. transformers leaves the default labels (2, LABEL_0 and
     LABEL_1) out of config.json, so without id2label num_labels, else class_predictor's rows less the
     "no object" row, give N, and the names are LABEL_i."""
+    raw = hf.get("id2label") or {}
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{cfg_file}: id2label is a {type(raw).__name__}, not an object of id -> name")
     try:
-        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+        id2label = {int(k): str(v) for k, v in raw.items()}
     except ValueError as err:
         raise ConversionError(f"{cfg_file}: id2label's keys must be class ids ({err})") from err
     if sorted(id2label) != list(range(len(id2label))):
