@@ -245,6 +245,13 @@ def test_a_run_resumed_after_a_crash_logs_each_step_once(shapes, tmp_path, monke
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_about(shapes, tmp_path, caplog):
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=2, warmup_steps=2, batch_size=2, num_workers=0)
+    with caplog.at_level("WARNING", logger="model.train"):
+        train(tiny_model(64), dataset(shapes, 64), cfg, collate)
+    assert "the 2 warm-up steps outlast the run's 2: it never reaches --lr" in caplog.text
+
+
 def test_a_run_that_failed_before_its_first_record_can_simply_run_again(shapes, tmp_path):
     from model.train_log import claim_folder
 
