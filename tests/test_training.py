@@ -51,22 +51,27 @@ def tiny_model(size, dropout=0.1, norm="frozen_bn"):
     return build_model(tiny_config(size, dropout, norm), ModelInfo("tiny", NAMES, ISTHING))
 
 
-def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
-    # dropout stays on so the run depends on the restored RNG state
+def straight_and_resumed(shapes, tmp_path, stop_at: int, edit_state=None, **common) -> tuple[dict, dict]:
+    """The weights of a run straight through and of the same run stopped at `stop_at` and resumed from its
+    last.pt (after `edit_state(path)`), in a fresh model: nothing but the saved state carries over."""
     data = dataset(shapes, 64)
-    common = dict(steps=6, batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=1.0, checkpoint_every=100)
     torch.manual_seed(0)
     straight = tiny_model(64)
     train(straight, data, TrainConfig(out_dir=str(tmp_path / "a"), **common), collate)
-
     torch.manual_seed(0)
-    first = tiny_model(64)
-    train(first, data, TrainConfig(out_dir=str(tmp_path / "b"), stop_at=3, **common), collate)
-    torch.manual_seed(123)  # a fresh process: nothing but the saved state carries over
+    train(tiny_model(64), data, TrainConfig(out_dir=str(tmp_path / "b"), stop_at=stop_at, **common), collate)
+    if edit_state:
+        edit_state(tmp_path / "b" / "last.pt")
+    torch.manual_seed(123)
     resumed = tiny_model(64)
     train(resumed, data, TrainConfig(out_dir=str(tmp_path / "b"), **common), collate, resume=tmp_path / "b" / "last.pt")
+    return straight.state_dict(), resumed.state_dict()
 
-    a, b = straight.state_dict(), resumed.state_dict()
+
+def test_resume_equals_an_uninterrupted_run(shapes, tmp_path):
+    # dropout stays on so the run depends on the restored RNG state
+    common = dict(steps=6, batch_size=2, num_workers=0, lr=1e-3, backbone_lr_mult=1.0, checkpoint_every=100)
+    a, b = straight_and_resumed(shapes, tmp_path, 3, **common)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     assert not torch.equal(a["class_embed.weight"], tiny_model(64).state_dict()["class_embed.weight"])
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
@@ -191,17 +196,8 @@ def as_version_1(path: Path) -> None:
 
 def test_a_version_1_state_resumes_as_the_uninterrupted_run(shapes, tmp_path):
     # the data path draws from torch's generator, which version 1 kept whole: the weights come out the same
-    data = dataset(shapes, 64)
     common = dict(steps=4, batch_size=2, num_workers=0, lr=1e-3, log_every=1, checkpoint_every=100)
-    torch.manual_seed(0)
-    straight = tiny_model(64)
-    train(straight, data, TrainConfig(out_dir=str(tmp_path / "a"), **common), collate)
-    torch.manual_seed(0)
-    train(tiny_model(64), data, TrainConfig(out_dir=str(tmp_path / "b"), stop_at=2, **common), collate)
-    as_version_1(tmp_path / "b" / "last.pt")
-    resumed = tiny_model(64)
-    train(resumed, data, TrainConfig(out_dir=str(tmp_path / "b"), **common), collate, resume=tmp_path / "b" / "last.pt")
-    a, b = straight.state_dict(), resumed.state_dict()
+    a, b = straight_and_resumed(shapes, tmp_path, 2, as_version_1, **common)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all("lr_backbone" in r for r in log)  # groups named again
