@@ -8,10 +8,10 @@ with our own service. Shapes come from the ONNX graph, whose batch axis is the d
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+
+from model.atomic_write import replace_atomically
 
 TRITON_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 10: "TYPE_FP16"}  # onnx.TensorProto element types
 
@@ -116,17 +116,8 @@ def write_repository(
     model_dir = Path(repo) / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     kept, stale = ("model.plan", "model.onnx") if engine else ("model.onnx", "model.plan")
-    _replace(model_dir / "1" / kept, lambda tmp: shutil.copyfile(engine or onnx_path, tmp))
+    replace_atomically(model_dir / "1" / kept, lambda tmp: shutil.copyfile(engine or onnx_path, tmp))
     config = model_dir / "config.pbtxt"
-    _replace(config, lambda tmp: tmp.write_text(text))
+    replace_atomically(config, lambda tmp: tmp.write_text(text))
     (model_dir / "1" / stale).unlink(missing_ok=True)  # the other platform's file: the config no longer names it
     return config
-
-
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -10,13 +10,13 @@ import functools
 import hashlib
 import json
 import os
-import secrets
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from model.atomic_write import replace_atomically
 from model.config import MaskFormerConfig
 from model.maskformer import MaskFormer, ModelInfo, build_model
 
@@ -78,33 +78,11 @@ def cast(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def write_atomically(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write to a new file beside `path`, then rename it over `path`: never a half-written checkpoint under the
-    real name, no temp file shared by two writers of one path, and none left behind by a failure."""
-    tmp, mode = create_temp(path)
+    """Never a half-written checkpoint under the real name, nor a stray temp file (model/atomic_write.py)."""
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.chmod(mode)  # save_file makes its file 0600 whatever the umask; the container's user must read it
-        tmp.replace(path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, SafetensorError):
-            raise OSError(f"cannot write {path}: {err}") from err
-        raise
-
-
-def create_temp(path: Path) -> tuple[Path, int]:
-    """A new, uniquely named file beside `path`, and the mode the umask gives new files (read off that file:
-    os.umask cannot read the mask without setting it, which races other threads)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-    except OSError as err:
-        raise OSError(f"cannot write {path}: {err.strerror}") from err
-    try:
-        mode = os.fstat(fd).st_mode & 0o777
-    finally:
-        os.close(fd)
-    return tmp, mode
+        replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except SafetensorError as err:
+        raise OSError(f"cannot write {path}: {err}") from err
 
 
 def read_metadata(path: str | Path) -> tuple[MaskFormerConfig, ModelInfo]:

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import TextIO
 
+from model.atomic_write import replace_atomically
+
 log = logging.getLogger(__name__)
 
 # what a run leaves besides its weights: a fresh run must not mix its log or state with another's
@@ -39,9 +41,8 @@ def keep_steps_up_to(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if (s := _step_of(line)) is not None and s <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)  # a crash now leaves the old log or the new one, never half of it
+    # a crash now leaves the old log or the new one, never half of it
+    replace_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def _step_of_first_record(path: Path) -> int | None:

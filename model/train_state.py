@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.atomic_write import replace_atomically
+
 # 2: numpy's and Python's RNG states whole, the GradScaler's state, named optimizer param groups
 STATE_VERSION = 2
 
@@ -46,9 +48,7 @@ def save_state(path: Path, step: int, parts: dict) -> None:
     """`parts`: the objects with a state_dict() to keep (model, optimizer, scheduler, scaler)."""
     state = {name: part.state_dict() for name, part in parts.items()}
     state.update(step=step, rng=rng_state(), version=STATE_VERSION)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def read_state(path: str | Path) -> dict:

@@ -173,14 +173,13 @@ def create_app(settings: ServeSettings, on_load_error: Callable[[BaseException],
     metrics.ready.set_function(lambda: float(state["ready"] and not state["draining"]))
 
     def load_in_thread() -> None:
-        state["loading"] = True  # the thread's own flag: cancelling load() below does not stop the thread
         try:
             pipeline.load()
-        finally:
+        finally:  # cleared by the thread itself: cancelling load() below does not stop the thread
             state["loading"] = False
 
     async def load() -> None:
-        state["loading"] = True  # from before the thread starts
+        state["loading"] = True
         try:
             await asyncio.to_thread(load_in_thread)
         except Exception as err:

@@ -68,6 +68,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from export.onnx import export_onnx, parity_report, write_report
     from model import load_model
+    from model.atomic_write import temporary_beside
 
     out: Path = args.out
     if out.is_dir():
@@ -78,8 +79,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     size = (height if args.height is None else args.height, width if args.width is None else args.width)
     # Written beside OUT and moved over it only once parity passes: OUT and OUT.json never disagree, and a
     # failing or interrupted re-export leaves the previous model in place.
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    try:
+    with temporary_beside(out) as tmp:
         export_onnx(
             model,
             tmp,
@@ -94,8 +94,6 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         target = out if report.passed else out.with_name(f"{out.stem}.failed{out.suffix}")
         Path(f"{target}.json").unlink(missing_ok=True)  # no moment where an old report sits beside a new model
         os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     sidecar = write_report(report, target)
     for batch, r in report.batches.items():
         print(

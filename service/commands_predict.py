@@ -12,7 +12,6 @@ import glob
 import itertools
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -172,6 +171,7 @@ async def _remote(args: argparse.Namespace, files: list[Path], on_done: Callable
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from model.atomic_write import replace_atomically
     from service.client import Prediction, load_rgb
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
@@ -206,12 +206,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         prediction = Prediction.from_json(result)
         prediction.segments = [s for s in prediction.segments if s.score >= min_score]
         picture = prediction.render(load_rgb(data), labels=not args.no_labels)
-        partial = path.with_name(f".{path.name}.partial")  # an interrupted write leaves no truncated PNG
-        try:
-            picture.save(partial, format="PNG")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        replace_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))  # never a truncated PNG
 
     try:
         runner = _remote if args.server else _in_process

@@ -128,7 +128,7 @@ def test_a_graph_that_drifts_from_pytorch_fails_loudly(tmp_path, capsys, monkeyp
     report = json.loads((tmp_path / "m.failed.onnx.json").read_text())  # the failed graph, kept for a look
     assert report["passed"] is False and report["max_abs_diff"] > 1e-3
     assert report["onnx_sha256"] == hashlib.sha256((tmp_path / "m.failed.onnx").read_bytes()).hexdigest()
-    assert not list(tmp_path.glob(".*partial"))
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
 
 
 def test_the_folded_mask_head_for_the_cpu(tmp_path, capsys, monkeypatch):

@@ -146,4 +146,4 @@ def test_an_unreadable_image_or_unwritable_overlay_stops_no_other(images, tmp_pa
     results = json.loads(captured.out)["results"]  # the JSON still has both segmented images
     assert results[1] is None and results[0]["segments"] and results[2]["segments"]
     assert sorted(p.name for p in out.iterdir()) == [f"{SEEDS[0]}.png", f"{SEEDS[2]}.png"]
-    assert (out / f"{SEEDS[0]}.png").is_file() and not list(out.glob(".*.partial"))
+    assert (out / f"{SEEDS[0]}.png").is_file() and not list(out.glob(".*"))
