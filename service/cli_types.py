@@ -29,3 +29,8 @@ def positive(kind: type) -> Callable[[str], float]:
 def at_least_0(kind: type) -> Callable[[str], float]:
     """An int or float of 0 or more."""
     return _bounded(kind, lambda v: v >= 0, "0 or more")
+
+
+def unit_interval(text: str) -> float:
+    """A number from 0 to 1, as the thresholds are (the server answers 400 otherwise)."""
+    return _bounded(float, lambda v: 0 <= v <= 1, "between 0 and 1")(text)

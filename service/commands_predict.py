@@ -18,19 +18,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from service.cli_types import unit_interval
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 Segmenter = Callable[[bytes], Awaitable[dict[str, Any]]]
-
-
-def unit_interval(text: str) -> float:
-    """argparse type for the thresholds: a number from 0 to 1 (the server answers 400 otherwise)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return value
 
 
 def add_parser(sub: Any) -> None:

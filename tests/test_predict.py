@@ -96,7 +96,7 @@ def test_thresholds_outside_0_to_1_are_refused_before_anything_runs(images, caps
 
 
 def test_thresholds_at_the_ends_of_0_to_1_are_accepted():
-    from service.commands_predict import unit_interval
+    from service.cli_types import unit_interval
 
     assert [unit_interval(v) for v in ("0", "1", "0.5", "1e-3")] == [0.0, 1.0, 0.5, 0.001]
 
